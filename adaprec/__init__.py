@@ -1,0 +1,20 @@
+"""adaprec: adaptive-precision training for PyTorch.
+
+Example:
+    >>> import adaprec
+    >>> "fp32" in adaprec.policies.list_policies()
+    True
+"""
+
+from . import constraints, policies
+from .controller import Controller, HistoryEntry, Report
+from .decision import Decision
+from .events import Event
+from .formats import FP32, FixedPoint, FloatFormat, IntFormat, Precision, parse_format
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Controller", "HistoryEntry", "Report", "Decision", "Event", "Precision", "IntFormat",
+    "FixedPoint", "FloatFormat", "FP32", "parse_format", "policies", "constraints", "__version__",
+]

@@ -1,0 +1,414 @@
+"""The Controller: wraps an unchanged training loop, turns it into events, applies policy decisions.
+
+Example:
+    >>> import torch, adaprec
+    >>> import torch.nn.functional as F
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> data = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(5)]
+    >>> with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:
+    ...     for epoch in range(2):
+    ...         for x, y in ctl.epoch(data):
+    ...             loss = F.cross_entropy(model(x), y)
+    ...             opt.zero_grad(); loss.backward(); opt.step()
+    >>> ctl.step_count, ctl.epoch_index, round(ctl.report()["savings_vs_fp32"], 4)
+    (10, 2, 0.9375)
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cost import CostMeter
+from .decision import Decision
+from .events import Event, EventBus, Handle
+from .formats import Precision
+from .policies import Policy, make_policy
+from .quant import find_layers, make_backend
+
+__all__ = ["Controller", "HistoryEntry", "Report"]
+
+# Models a controller is active on; weak so a forgotten model can still be collected.
+_ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+Constraint = Callable[[dict[str, Precision], "Controller"], dict[str, Precision]]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A precision change: from ``step`` (0-based iteration) on, ``layers`` are in force."""
+
+    step: int
+    epoch: int
+    layers: dict[str, Precision]
+    eval_layers: dict[str, Precision] | None = None
+
+    def summary(self) -> str:
+        vals = list(dict.fromkeys(p.short() for p in self.layers.values()))
+        return vals[0] if len(vals) == 1 else "mixed(" + ", ".join(vals) + ")"
+
+
+class Report(dict):
+    """``ctl.report()``: a dict of figures that prints as a small table.
+
+    Example:
+        >>> print(Report({"policy": "fp32", "gbitops": 1.5}))
+        policy   fp32
+        gbitops  1.5
+    """
+
+    def __str__(self) -> str:
+        rows = []
+        for k, v in self.items():
+            if isinstance(v, dict):
+                if not v:
+                    continue
+                v = ", ".join(f"{a}: {_fmt(b)}" for a, b in v.items())
+            rows.append((k, _fmt(v)))
+        w = max((len(k) for k, _ in rows), default=0)
+        return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+class Controller:
+    """Adaptive-precision training around a user's own loop.
+
+    Args:
+        model: the ``nn.Module`` to train (not yet ``torch.compile``-d; compile after entering).
+        policy: a registered name (``"fp32"``, ``"fixed"``, …, see ``adaprec.policies.list_policies()``),
+            a :class:`~adaprec.policies.Policy` object, or a ``.toml`` recipe path.
+        optimizer: optional; when given, its ``step()`` drives the iteration events. Without it call
+            :meth:`step` once per iteration.
+        total_steps: the planned number of iterations (schedules such as CPT need it).
+        layers: which quantizable layers to quantize: ``None`` (all), fnmatch patterns (``"!fc"``
+            excludes), or a callable ``(name, module) -> bool``.
+        constraints: callables that post-process each per-layer decision (see
+            :mod:`adaprec.constraints`).
+        backend: ``"simulated"`` or a backend object.
+        reference: the static precision savings are reported against (default CPT's 8/8).
+
+    Leaving the ``with`` block — normally or by an exception — restores the model exactly.
+
+    Example:
+        >>> import torch, adaprec
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+        >>> with adaprec.Controller(model, policy=adaprec.policies.Fixed(bits=4, grad_bits=8)) as ctl:
+        ...     model(torch.randn(2, 1, 8, 8)).sum().backward(); ctl.step()
+        >>> ctl.layer_names, ctl.history[0].summary()
+        (['0', '2'], 'int4/int8')
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Any = "fp32",
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        total_steps: int | None = None,
+        layers: Any = None,
+        constraints: Iterable[Constraint] = (),
+        backend: Any = "simulated",
+        reference: Precision | None = None,
+        logdir: str | None = None,
+    ) -> None:
+        # Validate everything before touching the model (contract 5: nothing left half-changed).
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if _is_compiled(model):
+            raise ValueError("the model is already torch.compile-d; enter the Controller with the plain "
+                             "model and compile inside the with block (torch.compile(model))")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
+        self.policy: Policy = make_policy(policy)
+        if getattr(self.policy, "needs_total_steps", False) and total_steps is None:
+            raise ValueError(f"policy {self.policy.name!r} needs total_steps= (the planned number of "
+                             "iterations, e.g. len(loader) * epochs)")
+        self._layers = find_layers(model, layers)
+        if not self._layers:
+            types = ", ".join(sorted({t.__name__ for t in _quantizable_types()}))
+            raise ValueError(f"the model has no quantizable layers{' matching layers=' if layers else ''}; "
+                             f"adaprec quantizes {types}")
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            mine = {id(p) for p in model.parameters()}
+            theirs = [p for g in optimizer.param_groups for p in g["params"]]
+            if theirs and not any(id(p) in mine for p in theirs):
+                raise ValueError("none of the optimizer's parameters belong to the model; build the "
+                                 "optimizer from model.parameters()")
+        self.constraints: list[Constraint] = list(constraints)
+        for c in self.constraints:
+            if not callable(c):
+                raise TypeError(f"constraints must be callables (layers, ctl) -> layers, got {c!r}")
+        self.backend = make_backend(backend)
+        self.model = model
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.reference = reference
+        self.logdir = logdir
+        self.layer_names = [n for n, _ in self._layers]
+
+        self.bus = EventBus()
+        self.step_count = 0
+        self.epoch_index = 0
+        self.stats: dict[str, Any] = {}
+        self.history: list[HistoryEntry] = []
+        self.components: dict[str, Any] = {}  # named stateful helpers (observers, loggers…)
+        self._report_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._steps_at: dict[str, int] = {}
+        self._decision: Decision | None = None
+        self._current: dict[str, Precision] | None = None
+        self._eval: dict[str, Precision] | None = None
+        self._hooks: list[Any] = []
+        self._active = False
+        self._exited = False
+        self.cost: CostMeter | None = None
+
+    # --- events ---------------------------------------------------------------------------------
+    def on(self, event: Hashable, handler: Callable[..., Any], *, every: int = 1,
+           once: int | None = None) -> Handle:
+        """Subscribe ``handler(ctl, **data)`` to ``event`` (an :class:`Event` or a custom key)."""
+        return self.bus.on(event, handler, every=every, once=once)
+
+    def fire(self, event: Hashable, **data: Any) -> None:
+        self.bus.fire(event, self, **data)
+
+    # --- entering and leaving ---------------------------------------------------------------------
+    def __enter__(self) -> Controller:
+        if self._active or self._exited:
+            raise RuntimeError("a Controller can be entered once; create a new one for another run")
+        if self.model in _ACTIVE:
+            raise RuntimeError("another adaprec.Controller is already active on this model; leave it "
+                               "first")
+        try:
+            self.layer_names = self.backend.attach(self.model, self._layers)
+            self.cost = CostMeter(self.layer_names, self.backend.macs, self.reference)
+            self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.cost.step())
+            if self.optimizer is not None:
+                self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
+                self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+            _ACTIVE.add(self.model)
+            self._active = True
+            self.policy.attach(self)
+            if self.logdir is not None:
+                self._attach_logger()
+            self.fire(Event.FIT_STARTED)
+            self._start_iteration()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc is not None:
+                self.fire(Event.EXCEPTION_RAISED, exception=exc)
+            else:
+                self.fire(Event.FIT_COMPLETED)
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        try:
+            if self._active:
+                self.policy.detach()
+        finally:
+            self.backend.detach()
+            _ACTIVE.discard(self.model)
+            self._active = False
+            self._exited = True
+
+    def _attach_logger(self) -> None:
+        from .tensorboard import Logger  # optional component (TensorBoard)
+
+        Logger(self.logdir).attach(self)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def epoch(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Iterate ``loader`` once, firing ``EPOCH_STARTED`` / ``EPOCH_COMPLETED`` around it."""
+        self._require_active("ctl.epoch()")
+        self.fire(Event.EPOCH_STARTED, epoch=self.epoch_index)
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError(f"the loader yielded no batches in epoch {self.epoch_index}; "
+                             "check the dataset and batch size (drop_last with a small dataset?)")
+        self.fire(Event.EPOCH_COMPLETED, epoch=self.epoch_index, batches=n)
+        self.epoch_index += 1
+
+    def observe(self, **stats: Any) -> None:
+        """Record statistics (``loss=``, ``val_acc=``, …) for policies, observers and loggers."""
+        self._require_active("ctl.observe()")
+        if not stats:
+            raise ValueError("ctl.observe() needs at least one keyword, e.g. ctl.observe(loss=loss)")
+        self.stats.update(stats)
+        self.fire(Event.METRICS_OBSERVED, stats=stats)
+
+    def step(self) -> None:
+        """Mark the end of one iteration, for loops without an optimizer."""
+        self._require_active("ctl.step()")
+        if self.optimizer is not None:
+            raise RuntimeError("this Controller was given optimizer=; its step() already advances the "
+                               "controller, so do not call ctl.step() as well")
+        self._complete_iteration()
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self.fire(Event.BEFORE_OPTIMIZER_STEP)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        self._complete_iteration()
+
+    def _complete_iteration(self) -> None:
+        key = self.history[-1].summary() if self.history else "fp32"
+        self._steps_at[key] = self._steps_at.get(key, 0) + 1
+        self.fire(Event.ITERATION_COMPLETED, step=self.step_count)
+        self.step_count += 1
+        self._start_iteration()
+
+    def _start_iteration(self) -> None:
+        self.fire(Event.ITERATION_STARTED, step=self.step_count)
+        self._apply(self.policy.decide(self))
+
+    def _apply(self, decision: Decision, force: bool = False) -> None:
+        if decision is self._decision or (not force and decision == self._decision):
+            return
+        if not isinstance(decision, Decision):
+            raise TypeError(f"policy {self.policy.name!r} returned {type(decision).__name__}, "
+                            "expected an adaprec.Decision")
+        layers = self._constrain(decision.resolve(self.layer_names))
+        ev = self.policy.eval_decision(self)
+        eval_layers = None if ev is None else self._constrain(ev.resolve(self.layer_names))
+        self._decision = decision
+        if layers == self._current and eval_layers == self._eval and not force:
+            return
+        old = self._current
+        self.backend.apply(layers, eval_layers)
+        self.cost.set_precisions(layers)
+        self._current, self._eval = layers, eval_layers
+        self.history.append(HistoryEntry(self.step_count, self.epoch_index, layers, eval_layers))
+        self.fire(Event.PRECISION_CHANGED, old=old, new=layers, step=self.step_count)
+
+    def _constrain(self, layers: dict[str, Precision]) -> dict[str, Precision]:
+        for c in self.constraints:
+            layers = c(layers, self)
+        return layers
+
+    def refresh(self) -> None:
+        """Ask the policy again now (e.g. after it changed its mind outside an iteration boundary)."""
+        self._require_active("ctl.refresh()")
+        self._apply(self.policy.decide(self))
+
+    def _require_active(self, what: str) -> None:
+        if not self._active:
+            raise RuntimeError(f"{what} is only available inside the Controller's with block")
+
+    # --- results --------------------------------------------------------------------------------
+    @property
+    def current(self) -> dict[str, Precision]:
+        """The per-layer precisions in force now."""
+        return dict(self._current or {})
+
+    def add_report_section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        self._report_sections[name] = fn
+
+    def report(self) -> Report:
+        """Cost and precision figures of the run so far (also valid after leaving the block)."""
+        r = Report()
+        r["policy"] = repr(self.policy)
+        r["steps"] = self.step_count
+        r["epochs"] = self.epoch_index
+        r["layers"] = len(self.layer_names)
+        if self.cost is not None:
+            s = self.cost.summary()
+            per_layer = s.pop("per_layer_gbitops")
+            r.update(s)
+            r["per_layer_gbitops"] = per_layer
+        total = sum(self._steps_at.values())
+        r["time_at_precision"] = {k: v / total for k, v in self._steps_at.items()} if total else {}
+        r["precision_changes"] = len(self.history)
+        for fn in self._report_sections.values():
+            r.update(fn())
+        return r
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: counters, policy, cost, history, components, RNG state."""
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": 1,
+            "layer_names": list(self.layer_names),
+            "step": self.step_count,
+            "epoch": self.epoch_index,
+            "policy": self.policy.state_dict(),
+            "cost": None if self.cost is None else self.cost.state_dict(),
+            "backend": self.backend.state_dict(),
+            "history": list(self.history),
+            "steps_at": dict(self._steps_at),
+            "components": {k: c.state_dict() for k, c in self.components.items()
+                           if hasattr(c, "state_dict")},
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (restores the global RNG, which stochastic rounding uses)."""
+        self._require_active("ctl.load_state_dict()")
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("not an adaprec Controller state_dict (missing or unknown 'version')")
+        if list(state["layer_names"]) != self.layer_names:
+            raise ValueError(f"the state is for layers {state['layer_names']}, this controller quantizes "
+                             f"{self.layer_names}")
+        self.step_count = int(state["step"])
+        self.epoch_index = int(state["epoch"])
+        self.policy.load_state_dict(state["policy"])
+        if state["cost"] is not None:
+            self.cost.load_state_dict(state["cost"])
+        self.backend.load_state_dict(state["backend"])
+        self.history = list(state["history"])
+        self._steps_at = dict(state["steps_at"])
+        for k, st in state.get("components", {}).items():
+            if k in self.components and hasattr(self.components[k], "load_state_dict"):
+                self.components[k].load_state_dict(st)
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # Re-apply what was in force at the saved step, without recording a new change.
+        self._decision = None
+        hist = self.history
+        self._apply(self.policy.decide(self), force=True)
+        self.history = hist
+        self._current = hist[-1].layers if hist else self._current
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(model, OptimizedModule)
+
+
+def _quantizable_types():
+    from .quant import QUANTIZABLE
+
+    return QUANTIZABLE

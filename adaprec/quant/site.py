@@ -1,0 +1,191 @@
+"""Quantization sites: the state one layer needs to fake its weight, input and output-gradient formats.
+
+A :class:`Quantizer` holds one role's format as tensors (filled in place when the format changes) and
+applies it; :class:`LayerSite` groups a layer's three roles for training and for evaluation, and counts
+the multiply-accumulates of training forwards for the cost meter. Nothing here is registered on the
+model, so ``model.state_dict()`` keeps its keys (DESIGN.md contract 2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..formats import FP32, Format, Precision
+from . import kernels
+
+__all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
+
+
+class _STE(torch.autograd.Function):
+    """Quantize in the forward, pass the gradient straight through."""
+
+    @staticmethod
+    def forward(ctx, x, kind, p, per_channel, stochastic, lo, hi):  # noqa: D102
+        return kernels.quantize(x, kind, p, per_channel, stochastic, lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        return g, None, None, None, None, None, None
+
+
+class _GradQuant(torch.autograd.Function):
+    """Identity in the forward; quantize the incoming gradient (the layer's error) in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, kind, p, stochastic):  # noqa: D102
+        ctx.kind, ctx.stochastic = kind, stochastic
+        ctx.save_for_backward(p)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        (p,) = ctx.saved_tensors
+        return kernels.quantize(g, ctx.kind, p, False, ctx.stochastic), None, None, None
+
+
+def ste(x: Tensor, kind: str, p: Tensor, per_channel: bool, stochastic: bool,
+        lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
+    """Fake-quantize ``x`` with a straight-through gradient."""
+    return _STE.apply(x, kind, p, per_channel, stochastic, lo, hi)
+
+
+def quantize_grad(x: Tensor, kind: str, p: Tensor, stochastic: bool) -> Tensor:
+    """Return ``x`` unchanged; the gradient flowing back through it is quantized."""
+    return _GradQuant.apply(x, kind, p, stochastic)
+
+
+class Quantizer:
+    """One role (weight, activation or gradient) of one layer.
+
+    The format's numbers live in the 3-element tensor ``p`` and are overwritten in place; ``kind``,
+    ``per_channel`` and ``stochastic`` are Python values (changing them changes the traced program).
+    Activation quantizers with ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that
+    eval mode uses instead of the batch range (METHODS.md §1.2).
+
+    Example:
+        >>> import torch
+        >>> from adaprec.formats import IntFormat
+        >>> q = Quantizer(torch.device("cpu"))
+        >>> q.set(IntFormat(2))
+        >>> q(torch.tensor([0.0, 0.1, 0.5, 1.0])).tolist()
+        [0.0, 0.0, 0.6666666865348816, 1.0]
+    """
+
+    __slots__ = ("fmt", "kind", "per_channel", "stochastic", "p", "range", "seen", "momentum")
+
+    def __init__(self, device: torch.device, track_range: bool = False, momentum: float = 0.9) -> None:
+        self.fmt: Format = FP32()
+        self.kind = "fp32"
+        self.per_channel = False
+        self.stochastic = False
+        self.p = torch.zeros(3, device=device)
+        self.range = torch.zeros(2, device=device) if track_range else None
+        self.seen = torch.zeros((), dtype=torch.bool, device=device) if track_range else None
+        self.momentum = momentum
+
+    def set(self, fmt: Format) -> None:
+        if fmt == self.fmt:
+            return
+        self.fmt = fmt
+        self.kind = fmt.kind
+        self.per_channel = fmt.per_channel
+        self.stochastic = fmt.stochastic
+        self.p.copy_(torch.tensor(fmt.params(), dtype=self.p.dtype))
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "fp32"
+
+    def __call__(self, x: Tensor, training: bool = True) -> Tensor:
+        """Fake-quantize ``x`` (STE)."""
+        if self.range is not None and self.kind == "int" and not self.per_channel:
+            lo, hi = self._range(x, training)
+            return ste(x, self.kind, self.p, False, self.stochastic, lo, hi)
+        return ste(x, self.kind, self.p, self.per_channel, self.stochastic)
+
+    def grad(self, y: Tensor) -> Tensor:
+        """Mark ``y`` so that the gradient flowing back into it is quantized."""
+        if not y.requires_grad:
+            return y
+        return quantize_grad(y, self.kind, self.p, self.stochastic)
+
+    @torch.no_grad()
+    def _range(self, x: Tensor, training: bool) -> tuple[Tensor, Tensor]:
+        """Batch range in training (also folded into the EMA); the EMA in eval, once one exists."""
+        lo, hi = torch.aminmax(x.detach())
+        cur = torch.stack((lo, hi)).to(self.range.dtype)
+        if training:
+            ema = self.range * self.momentum + cur * (1.0 - self.momentum)
+            self.range.copy_(torch.where(self.seen, ema, cur))
+            self.seen.fill_(True)
+            return lo, hi
+        r = torch.where(self.seen, self.range, cur)
+        return r[0], r[1]
+
+    def state(self) -> dict[str, Tensor]:
+        return {} if self.range is None else {"range": self.range.clone(), "seen": self.seen.clone()}
+
+    def load_state(self, d: dict[str, Tensor]) -> None:
+        if self.range is not None and d:
+            self.range.copy_(d["range"])
+            self.seen.copy_(d["seen"])
+
+
+class _Roles:
+    __slots__ = ("weight", "activation", "gradient", "precision")
+
+    def __init__(self, device: torch.device, track_range: bool) -> None:
+        self.weight = Quantizer(device)
+        self.activation = Quantizer(device, track_range=track_range)
+        self.gradient = Quantizer(device)
+        self.precision = Precision.fp32()
+
+    def set(self, prec: Precision) -> None:
+        self.weight.set(prec.weight)
+        self.activation.set(prec.activation)
+        self.gradient.set(prec.gradient)
+        self.precision = prec
+
+
+class LayerSite:
+    """The quantization state of one layer: training and evaluation roles, and a MAC counter.
+
+    ``macs`` (a 0-d float64 tensor, usually a slot of the backend's counter) accumulates the
+    multiply-accumulates of the forward products of training forwards until the cost meter reads it.
+
+    Example:
+        >>> import torch
+        >>> site = LayerSite("fc", torch.nn.Linear(4, 2))
+        >>> site.set(Precision.cpt(4, 8))
+        >>> site.train.weight.kind, site.eval.weight.kind
+        ('int', 'int')
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None) -> None:
+        self.name = name
+        self.module = module
+        device = next(module.parameters()).device
+        self.train = _Roles(device, track_range=True)
+        self.eval = _Roles(device, track_range=False)
+        # Eval mode reads the running range collected by the training activation quantizer.
+        self.eval.activation.range = self.train.activation.range
+        self.eval.activation.seen = self.train.activation.seen
+        self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
+
+    def roles(self, training: bool) -> _Roles:
+        return self.train if training else self.eval
+
+    def set(self, train: Precision, eval: Precision | None = None) -> None:
+        self.train.set(train)
+        self.eval.set(train if eval is None else eval)
+
+    def count(self, macs: int) -> None:
+        """Add one training forward's multiply-accumulates (an in-place add: no sync, no guard)."""
+        self.macs.add_(macs)
+
+    def state(self) -> dict[str, Tensor]:
+        return self.train.activation.state()
+
+    def load_state(self, d: dict[str, Tensor]) -> None:
+        self.train.activation.load_state(d)
