@@ -95,8 +95,10 @@ class Clamp:
     """
 
     def __init__(self, min_bits: int = 1, max_bits: int = 32) -> None:
-        if not (isinstance(min_bits, int) and isinstance(max_bits, int) and 1 <= min_bits <= max_bits <= 32):
-            raise ValueError(f"Clamp: need integers 1 <= min_bits <= max_bits <= 32, got {min_bits}, {max_bits}")
+        ints = all(isinstance(b, int) and not isinstance(b, bool) for b in (min_bits, max_bits))
+        if not (ints and 1 <= min_bits <= max_bits <= 32):
+            raise ValueError("Clamp: need integers 1 <= min_bits <= max_bits <= 32, "
+                             f"got {min_bits!r}, {max_bits!r}")
         self.min_bits, self.max_bits = min_bits, max_bits
 
     def _clamp(self, f: Format) -> Format:
@@ -114,7 +116,8 @@ class Pin:
 
     Example:
         >>> from adaprec.formats import Precision
-        >>> Pin("last", Precision.fp32())({"a": Precision.cpt(3, 8), "b": Precision.cpt(3, 8)}, None)["b"].is_fp32
+        >>> layers = {"a": Precision.cpt(3, 8), "b": Precision.cpt(3, 8)}
+        >>> Pin("last", Precision.fp32())(layers, None)["b"].is_fp32
         True
     """
 

@@ -31,6 +31,7 @@ from .cost import CostMeter
 from .decision import Decision
 from .events import Event, EventBus, Handle
 from .formats import Precision
+from .guard import DivergenceGuard
 from .policies import Policy, make_policy
 from .quant import find_layers, make_backend
 
@@ -99,6 +100,11 @@ class Controller:
             :mod:`adaprec.constraints`).
         backend: ``"simulated"`` or a backend object.
         reference: the static precision savings are reported against (default CPT's 8/8).
+        logdir: write TensorBoard logs there (see :mod:`adaprec.tensorboard`).
+        guard: the divergence guard (:mod:`adaprec.guard`): ``True`` (default settings), a
+            :class:`~adaprec.guard.DivergenceGuard`, or ``False``. It needs ``optimizer=``.
+        sync_stats: under ``torch.distributed``, average the values given to :meth:`observe` over
+            all ranks so that every rank's policy sees the same statistics and decides the same.
 
     Leaving the ``with`` block — normally or by an exception — restores the model exactly.
 
@@ -123,6 +129,8 @@ class Controller:
         backend: Any = "simulated",
         reference: Precision | None = None,
         logdir: str | None = None,
+        guard: bool | DivergenceGuard = True,
+        sync_stats: bool = True,
     ) -> None:
         # Validate everything before touching the model (contract 5: nothing left half-changed).
         if not isinstance(model, nn.Module):
@@ -150,10 +158,25 @@ class Controller:
             if theirs and not any(id(p) in mine for p in theirs):
                 raise ValueError("none of the optimizer's parameters belong to the model; build the "
                                  "optimizer from model.parameters()")
+        if constraints is None:
+            constraints = ()
+        elif callable(constraints):  # a single constraint is a common slip for a list of one
+            constraints = (constraints,)
+        elif isinstance(constraints, str | bytes) or not isinstance(constraints, Iterable):
+            raise TypeError("constraints must be a list of callables (layers, ctl) -> layers, e.g. "
+                            f"[adaprec.constraints.Floor('first', 8)], got {constraints!r}")
         self.constraints: list[Constraint] = list(constraints)
         for c in self.constraints:
             if not callable(c):
                 raise TypeError(f"constraints must be callables (layers, ctl) -> layers, got {c!r}")
+        if guard is True:
+            guard = DivergenceGuard()
+        if guard is not False and not isinstance(guard, DivergenceGuard):
+            raise TypeError(f"guard must be True, False or a DivergenceGuard, got {guard!r}")
+        self.guard: DivergenceGuard | None = guard if (guard and optimizer is not None) else None
+        if self.guard is not None:
+            self.constraints.append(self.guard)
+        self.sync_stats = bool(sync_stats)
         self.backend = make_backend(backend)
         self.model = model
         self.optimizer = optimizer
@@ -196,11 +219,15 @@ class Controller:
                                "first")
         try:
             self.layer_names = self.backend.attach(self.model, self._layers)
-            self.cost = CostMeter(self.layer_names, self.backend.macs, self.reference)
+            self.cost = CostMeter(self.layer_names, self.backend.macs, self.reference,
+                                  scale=_world_size())
             self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.cost.step())
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+                if self.guard is not None:
+                    self._patch_step()
+                    self.components["guard"] = self.guard
             _ACTIVE.add(self.model)
             self._active = True
             self.policy.attach(self)
@@ -222,8 +249,33 @@ class Controller:
         finally:
             self._teardown()
 
+    def _patch_step(self) -> None:
+        # Optimizer hooks cannot cancel a step, so the guard wraps this optimizer's step method
+        # (an instance attribute, removed again on exit) the way GradScaler.step(opt) would.
+        opt, orig = self.optimizer, self.optimizer.step
+        had = "step" in opt.__dict__
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if self._current is not None and not all(p.is_fp32 for p in self._current.values()) \
+                    and not self.guard.step_ok(self):
+                self._complete_iteration()  # the iteration happened; only its update is skipped
+                return None
+            return orig(*args, **kwargs)
+
+        opt.step = guarded_step
+
+        class _Restore:
+            @staticmethod
+            def remove() -> None:
+                if had:
+                    opt.__dict__["step"] = orig
+                else:
+                    opt.__dict__.pop("step", None)
+
+        self._hooks.append(_Restore)
+
     def _teardown(self) -> None:
-        for h in self._hooks:
+        for h in reversed(self._hooks):
             h.remove()
         self._hooks.clear()
         try:
@@ -260,6 +312,8 @@ class Controller:
         self._require_active("ctl.observe()")
         if not stats:
             raise ValueError("ctl.observe() needs at least one keyword, e.g. ctl.observe(loss=loss)")
+        if self.sync_stats and _world_size() > 1:
+            stats = _average_over_ranks(stats)
         self.stats.update(stats)
         self.fire(Event.METRICS_OBSERVED, stats=stats)
 
@@ -289,7 +343,7 @@ class Controller:
         self._apply(self.policy.decide(self))
 
     def _apply(self, decision: Decision, force: bool = False) -> None:
-        if decision is self._decision or (not force and decision == self._decision):
+        if not force and (decision is self._decision or decision == self._decision):
             return
         if not isinstance(decision, Decision):
             raise TypeError(f"policy {self.policy.name!r} returned {type(decision).__name__}, "
@@ -312,10 +366,11 @@ class Controller:
             layers = c(layers, self)
         return layers
 
-    def refresh(self) -> None:
-        """Ask the policy again now (e.g. after it changed its mind outside an iteration boundary)."""
+    def refresh(self, force: bool = False) -> None:
+        """Ask the policy again now (e.g. after it changed its mind outside an iteration boundary);
+        ``force=True`` re-resolves even an unchanged decision (after a constraint changed)."""
         self._require_active("ctl.refresh()")
-        self._apply(self.policy.decide(self))
+        self._apply(self.policy.decide(self), force=force)
 
     def _require_active(self, what: str) -> None:
         if not self._active:
@@ -398,6 +453,32 @@ class Controller:
         self._apply(self.policy.decide(self), force=True)
         self.history = hist
         self._current = hist[-1].layers if hist else self._current
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_over_ranks(stats: dict[str, Any]) -> dict[str, Any]:
+    """Average numeric statistics over all ranks (one all_reduce for all of them)."""
+    keys = [k for k, v in stats.items()
+            if (isinstance(v, int | float) and not isinstance(v, bool))
+            or (isinstance(v, torch.Tensor) and v.numel() == 1)]
+    if not keys:
+        return stats
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    vals = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).detach().reshape(()).to(device)
+                        for k in keys])
+    dist.all_reduce(vals)
+    vals /= dist.get_world_size()
+    out = dict(stats)
+    for k, v in zip(keys, vals.cpu().tolist()):
+        out[k] = type(stats[k])(v) if isinstance(stats[k], int | float) else \
+            torch.as_tensor(v, dtype=stats[k].dtype, device=stats[k].device)
+    return out
 
 
 def _is_compiled(model: nn.Module) -> bool:

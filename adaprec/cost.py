@@ -35,6 +35,8 @@ class CostMeter:
     """Accumulates BitOPs per layer from the backend's MAC counter.
 
     ``reference`` is the static precision the savings are also reported against (default 8/8).
+    ``scale`` multiplies the counted MACs: the controller passes the world size under
+    ``torch.distributed`` so that the cost is that of the global batch (equal local batches assumed).
 
     Example:
         >>> import torch
@@ -47,8 +49,10 @@ class CostMeter:
         192000.0
     """
 
-    def __init__(self, names: list[str], macs: Tensor, reference: Precision | None = None) -> None:
+    def __init__(self, names: list[str], macs: Tensor, reference: Precision | None = None,
+                 scale: int = 1) -> None:
         self.names = list(names)
+        self.scale = scale  # world size under torch.distributed: count the global batch
         self.macs = macs
         dev = macs.device
         self.reference = reference or Precision.cpt(8, 8)
@@ -65,8 +69,9 @@ class CostMeter:
 
     def step(self) -> None:
         """Fold the MACs counted since the last step into the totals at the current precisions."""
-        self.layer_bitops.add_(self.macs * self.factors)
-        self.layer_macs.add_(self.macs)
+        macs = self.macs * self.scale if self.scale != 1 else self.macs
+        self.layer_bitops.add_(macs * self.factors)
+        self.layer_macs.add_(macs)
         self.macs.zero_()
         self.steps += 1
 

@@ -117,8 +117,11 @@ class EventBus:
         entries = self._handlers.get(event)
         if not entries:
             return
-        # Copy: a handler may add or remove handlers while we iterate.
+        # Copy: a handler may add or remove handlers while we iterate. One removed by an earlier
+        # handler of this same firing is not called any more; one added now waits for the next firing.
         for key, entry in list(entries.items()):
+            if key not in entries:
+                continue
             entry.count += 1
             if entry.once is not None:
                 if entry.count != entry.once:

@@ -23,12 +23,16 @@ Example:
 from __future__ import annotations
 
 import inspect
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser ships as the "tomli" package
+    import tomli as tomllib
 
 from .base import Policy
 
@@ -72,14 +76,12 @@ def _load_plugins() -> None:
         if ep.name in _REGISTRY:
             continue
         try:
-            factory = ep.load()
-        except Exception as exc:  # a broken plugin must not break the library
+            register_policy(ep.name, ep.load())
+        except Exception as exc:  # a broken plugin (import error, not callable) must not break the library
             import warnings
 
             warnings.warn(f"adaprec: could not load policy plugin {ep.name!r} ({ep.value}): {exc}",
                           stacklevel=2)
-            continue
-        register_policy(ep.name, factory)
 
 
 def list_policies() -> dict[str, str]:

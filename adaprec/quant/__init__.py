@@ -6,11 +6,16 @@ __all__ = ["QUANTIZABLE", "SimulatedBackend", "find_layers", "make_backend"]
 
 
 def make_backend(spec: object) -> SimulatedBackend:
-    """A backend from a name (``"simulated"``) or an object with ``attach``/``apply``/``detach``."""
+    """A backend from a name (``"simulated"``, ``"hardware"``)
+    or an object with ``attach``/``apply``/``detach``."""
     if isinstance(spec, str):
         if spec == "simulated":
             return SimulatedBackend()
-        raise ValueError(f"unknown backend {spec!r}; known: ['simulated']")
+        if spec == "hardware":
+            from .hardware import HardwareBackend  # real low-precision kernels where they exist
+
+            return HardwareBackend()
+        raise ValueError(f"unknown backend {spec!r}; known: ['hardware', 'simulated']")
     if all(hasattr(spec, a) for a in ("attach", "apply", "detach")):
         return spec  # type: ignore[return-value]
     raise TypeError(f"backend must be a name or a backend object, got {type(spec).__name__}")

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
@@ -32,6 +33,7 @@ from math import prod
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..formats import Precision
@@ -58,15 +60,25 @@ def find_layers(model: nn.Module, layers: LayerFilter = None) -> list[tuple[str,
         (n, m) for n, m in model.named_modules()
         if isinstance(m, QUANTIZABLE) and id(m) not in mha_children
     ]
+    custom = [n for n, m in found if not _stock_forward(m)]
+    if custom:
+        warnings.warn(f"adaprec leaves layers {custom} in FP32: their class overrides forward(), which "
+                      "the simulated backend would replace", stacklevel=2)
+        found = [(n, m) for n, m in found if n not in custom]
     if layers is None:
         return found
     if callable(layers):
         return [(n, m) for n, m in found if layers(n, m)]
     if isinstance(layers, str):
         layers = [layers]
+    usage = "layers= takes None (all), a callable (name, module) -> bool, or a list of name patterns"
+    if not isinstance(layers, Iterable):
+        raise TypeError(f"{usage}; got {layers!r}")
     pats = list(layers)
     if not all(isinstance(p, str) for p in pats):
-        raise TypeError("layers= takes None, a callable (name, module) -> bool, or a list of name patterns")
+        raise TypeError(f"{usage}; got {pats!r}")
+    if not pats:
+        raise ValueError(f"{usage}; an empty list would select no layer (pass None to quantize all)")
     inc = [p for p in pats if not p.startswith("!")]
     exc = [p[1:] for p in pats if p.startswith("!")]
 
@@ -78,6 +90,20 @@ def find_layers(model: nn.Module, layers: LayerFilter = None) -> list[tuple[str,
     return [(n, m) for n, m in found if keep(n)]
 
 
+def _stock_forward(m: nn.Module) -> bool:
+    """Whether a Linear/Conv layer still computes with torch's own ``forward``.
+
+    The backend re-implements these two forwards (quantized operands, then the same functional call),
+    so a subclass with its own ``forward`` (weight standardisation, LoRA…) cannot be wrapped without
+    changing what it computes. RNNs and attention wrap the class's own forward and are always fine.
+    """
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+    return True
+
+
 # --- the instance forwards -------------------------------------------------------------------------
 
 def _weight(roles, w: Tensor) -> Tensor:
@@ -85,11 +111,19 @@ def _weight(roles, w: Tensor) -> Tensor:
 
 
 def _act(roles, x: Tensor, training: bool) -> Tensor:
-    return roles.activation(x, training) if roles.activation.active else x
+    if not roles.activation.active:
+        return x
+    if isinstance(x, PackedSequence):  # RNN input: quantize the packed values, keep the layout
+        return x._replace(data=roles.activation(x.data, training))
+    return roles.activation(x, training)
 
 
 def _out(roles, y: Tensor) -> Tensor:
-    return roles.gradient.grad(y) if roles.gradient.active else y
+    if not roles.gradient.active:
+        return y
+    if isinstance(y, PackedSequence):
+        return y._replace(data=roles.gradient.grad(y.data))
+    return roles.gradient.grad(y)
 
 
 def _linear_forward(site: LayerSite, module: nn.Linear, x: Tensor) -> Tensor:
@@ -123,16 +157,12 @@ def _rnn_forward(site: LayerSite, module: nn.RNNBase, orig, x, *args, **kwargs):
         out = orig(_act(r, x, training), *args, **kwargs)
     finally:
         module._flat_weights = saved
-    seq = out[0]
     if training:
-        tokens = x.numel() // module.input_size if not isinstance(x, nn.utils.rnn.PackedSequence) \
-            else x.data.shape[0]
+        tokens = x.data.shape[0] if isinstance(x, PackedSequence) else x.numel() // module.input_size
         per_token = sum(w.numel() for n, w in zip(module._flat_weights_names, saved)
                         if n.startswith("weight"))
         site.count(tokens * per_token)
-    if isinstance(seq, Tensor):
-        out = (_out(r, seq),) + tuple(out[1:])
-    return out
+    return (_out(r, out[0]),) + tuple(out[1:])
 
 
 def _mha_forward(site: LayerSite, module: nn.MultiheadAttention, orig, query, key, value, *args, **kwargs):
@@ -142,12 +172,17 @@ def _mha_forward(site: LayerSite, module: nn.MultiheadAttention, orig, query, ke
         ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
     params = {n: _weight(r, getattr(module, n)) for n in names}
     params["out_proj.weight"] = _weight(r, module.out_proj.weight)
-    q, k, v = (_act(r, t, training) for t in (query, key, value))
+    # Self-attention passes one tensor three times: quantize it once and keep the identities, which
+    # the attention code checks to take its packed (single-matmul) in-projection.
+    q = _act(r, query, training)
+    k = q if key is query else _act(r, key, training)
+    v = k if value is key else (q if value is query else _act(r, value, training))
     with _reparametrize_module(module, params):
         out = orig(q, k, v, *args, **kwargs)
     if training:
-        tokens = query.numel() // module.embed_dim
-        site.count(tokens * sum(p.numel() for p in params.values()))
+        # Each projection costs (its input's elements) x embed_dim MACs; the out-projection reads one
+        # embed_dim vector per query token. Keys and values may have their own length (cross-attention).
+        site.count((2 * query.numel() + key.numel() + value.numel()) * module.embed_dim)
     return (_out(r, out[0]),) + tuple(out[1:])
 
 
@@ -189,6 +224,7 @@ class SimulatedBackend:
         self.sites: dict[str, LayerSite] = {}
         self.macs: Tensor | None = None
         self._saved: list[tuple[nn.Module, object]] = []
+        self._holds_fastpath = False
 
     def attach(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
         taken = [n for n, m in layers if m in _ATTACHED]
@@ -204,6 +240,9 @@ class SimulatedBackend:
                 self._saved.append((module, module.__dict__.get("forward", _MISSING)))
                 module.forward = _make_forward(site, module)
                 _ATTACHED.add(module)
+            if any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):
+                _fastpath_off()
+                self._holds_fastpath = True
         except BaseException:
             self.detach()
             raise
@@ -222,6 +261,9 @@ class SimulatedBackend:
                 module.__dict__["forward"] = fwd
         self._saved.clear()
         self.sites.clear()
+        if self._holds_fastpath:
+            self._holds_fastpath = False
+            _fastpath_release()
 
     def state_dict(self) -> dict:
         return {n: s.state() for n, s in self.sites.items()}
@@ -233,4 +275,23 @@ class SimulatedBackend:
 
 
 _MISSING = object()
+
+# In eval mode without autograd, nn.TransformerEncoderLayer runs a fused C++ "fast path" that reads its
+# weights directly and never calls the Linear/MultiheadAttention forwards, so quantization would be
+# skipped silently. The switch is global: keep it off while any backend on such a model is attached
+# and put the user's setting back when the last one detaches.
+_FASTPATH = {"holders": 0, "saved": True}
+
+
+def _fastpath_off() -> None:
+    if _FASTPATH["holders"] == 0:
+        _FASTPATH["saved"] = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+    _FASTPATH["holders"] += 1
+
+
+def _fastpath_release() -> None:
+    _FASTPATH["holders"] -= 1
+    if _FASTPATH["holders"] == 0:
+        torch.backends.mha.set_fastpath_enabled(_FASTPATH["saved"])
 _ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers some backend currently owns

@@ -36,7 +36,10 @@ class _GradQuant(torch.autograd.Function):
     def forward(ctx, x, kind, p, stochastic):  # noqa: D102
         ctx.kind, ctx.stochastic = kind, stochastic
         ctx.save_for_backward(p)
-        return x.view_as(x)
+        # A detached alias, not ``view_as``: autograd forbids in-place ops on views returned by a custom
+        # Function, and layers are commonly followed by ``ReLU(inplace=True)``. The alias shares the
+        # version counter, so in-place use is exactly as safe as on the layer's own output.
+        return x.detach()
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102

@@ -78,7 +78,8 @@ class Vocab:
         try:
             return torch.tensor([index[c] for c in text], dtype=torch.long)
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary of {len(self)} characters") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary of {len(self)} "
+                             "characters") from None
 
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
@@ -152,7 +153,7 @@ class CharLSTM(nn.Module):
 
 
 class CharLMTask(Task):
-    """Next-character prediction with :class:`CharLSTM`; metrics: ``val_loss`` (nats), ``bpc``, ``perplexity``.
+    """Next-character prediction with :class:`CharLSTM`; metrics ``val_loss`` (nats), ``bpc``, ``perplexity``.
 
     Args:
         max_chars: use only the first ``max_chars`` characters of the text (None: all of it), to keep

@@ -108,7 +108,7 @@ class DigitsTask(Task):
         >>> 0.0 <= task.evaluate(model)["accuracy"] <= 1.0
         True
         >>> batch = next(iter(task.train_batches(batch_size=32, seed=0)))
-        >>> float(task.loss(model, batch)) > 0
+        >>> float(task.loss(model, batch).detach()) > 0
         True
     """
 
@@ -118,7 +118,8 @@ class DigitsTask(Task):
     observe_key: ClassVar[str] = "val_acc"
     defaults: ClassVar[dict[str, Any]] = {"epochs": 10, "batch_size": 32, "lr": 0.05, "optimizer": "sgd"}
 
-    def __init__(self, seed: int = 0, test_fraction: float = 0.2, channels: tuple[int, int] = (8, 16)) -> None:
+    def __init__(self, seed: int = 0, test_fraction: float = 0.2,
+                 channels: tuple[int, int] = (8, 16)) -> None:
         self.seed = seed
         self.channels = tuple(channels)
         if len(self.channels) != 2:

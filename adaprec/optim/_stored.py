@@ -1,0 +1,193 @@
+"""Shared machinery of the optimizers that keep their parameters in a low-precision storage format.
+
+Both :class:`~adaprec.optim.KahanSGD` and :class:`~adaprec.optim.Compensated` are
+:class:`torch.optim.Optimizer` subclasses whose parameter groups carry the storage settings
+(``weight_format``, ``comp_format``, ``update``, ``headroom_bits``, ``zero_range``, ``overflow``) as
+strings and numbers, so that ``state_dict()`` loads with ``torch.load(weights_only=True)``. Per
+parameter the state holds ``"comp"`` (the Kahan residual, update ``"kahan"`` only) and ``"w_fl"``
+(the kept fractional length, fixed-point weights only). Each group remembers in ``"_split"`` the
+storage its parameters are currently split into; when a group's settings change (by :meth:`set_format`
+or by editing the group), the next step re-splits its parameters first
+(:func:`~adaprec.optim.storage.resplit`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .storage import UPDATE_MODES, Storage, format_name
+
+STORAGE_KEYS = ("weight_format", "comp_format", "update", "headroom_bits", "zero_range", "overflow")
+_OPTION_KEYS = ("headroom_bits", "zero_range", "overflow")  # Storage fields besides the two formats
+_RNG_KEY = "adaprec_sr_rng"
+
+
+def check_update(update: object) -> str:
+    if update not in UPDATE_MODES:
+        raise ValueError(f"unknown update mode {update!r}; expected one of {UPDATE_MODES}")
+    return str(update)
+
+
+def storage_defaults(weight_format: object, comp_format: object, update: object,
+                     **options: Any) -> dict[str, Any]:
+    """Validate storage settings and return them in their canonical, serialisable form."""
+    update = check_update(update)
+    if comp_format is not None and update != "kahan":
+        raise ValueError(
+            f"comp_format={comp_format!r} is only used with update='kahan' (got update={update!r}); "
+            f"leave comp_format=None")
+    storage = Storage(weight_format, comp_format, **options)
+    out = {
+        "weight_format": format_name(storage.weight),
+        "comp_format": None if comp_format is None else format_name(storage.comp),
+        "update": update,
+    }
+    out.update({k: getattr(storage, k) for k in _OPTION_KEYS})
+    return out
+
+
+def group_storage(group: dict[str, Any]) -> Storage:
+    """The :class:`Storage` described by a (canonical) parameter group."""
+    return Storage(group["weight_format"], group["comp_format"], **{k: group[k] for k in _OPTION_KEYS})
+
+
+class StoredParamsMixin:
+    """Split-on-add, re-split-on-change, compensated write-back, and a resumable RNG for stochastic
+    rounding. Meant to be mixed into a :class:`torch.optim.Optimizer` subclass."""
+
+    param_groups: list[dict[str, Any]]
+    state: dict[Tensor, dict[str, Any]]
+    defaults: dict[str, Any]
+
+    def _init_rng(self, seed: int | None) -> None:
+        if seed is None:
+            # torch.manual_seed decides it, without drawing from (and so shifting) the global RNG stream.
+            seed = torch.initial_seed()
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self._sr_seed = seed
+        self._sr_generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        g = self._sr_generators.get(key)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self._sr_seed)
+            self._sr_generators[key] = g
+        return g
+
+    # ------------------------------------------------------------------ groups and splitting
+    def _storage(self, group: dict[str, Any]) -> Storage:
+        # Normalise in place: users may have written Format objects or aliases into the group, or
+        # loaded groups saved by a plain torch optimizer (missing keys take the optimizer's defaults).
+        for k in STORAGE_KEYS:
+            group.setdefault(k, self.defaults[k])
+        group.update(storage_defaults(group["weight_format"], group["comp_format"], group["update"],
+                                      **{k: group[k] for k in _OPTION_KEYS}))
+        return group_storage(group)
+
+    @staticmethod
+    def _check_params(params: Iterable[Tensor]) -> None:
+        for p in params:
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"adaprec.optim simulates storage formats in float32 tensors; got a parameter of dtype "
+                    f"{p.dtype}. Keep the model in float32 (or float64) and choose the stored format with "
+                    f"weight_format= (e.g. 'bf16', 'fx8')")
+
+    @torch.no_grad()
+    def _split_group(self, group: dict[str, Any]) -> Storage:
+        """Make the group's parameters match its storage settings (no-op when they already do)."""
+        storage = self._storage(group)
+        layout = f"{storage.key()}/{group['update']}"
+        if group.get("_split") == layout:
+            return storage
+        self._check_params(group["params"])
+        kahan = group["update"] == "kahan"
+        for p in group["params"]:
+            st = self.state[p]
+            comp = st.get("comp")
+            w_hp = p.detach() + comp if comp is not None else p.detach().clone()
+            w, c, fl = storage.split(w_hp)
+            p.copy_(w)
+            if kahan:
+                st["comp"] = c
+            else:
+                st.pop("comp", None)  # the residual went into w_hp above
+            if fl is None:
+                st.pop("w_fl", None)
+            else:
+                st["w_fl"] = fl.to(p.device)
+        group["_split"] = layout
+        return storage
+
+    def set_format(self, weight_format: object, comp_format: object = None, *, update: str | None = None,
+                   groups: Iterable[int] | None = None) -> None:
+        """Switch the storage format of some (default: all) parameter groups now, re-splitting
+        ``w + c`` into the new weight and compensation grids (METHODS.md §3.1)."""
+        idx = list(range(len(self.param_groups))) if groups is None else list(groups)
+        for i in idx:
+            if not (isinstance(i, int) and 0 <= i < len(self.param_groups)):
+                raise ValueError(f"group index {i!r} out of range 0..{len(self.param_groups) - 1}")
+        for i in idx:
+            group = self.param_groups[i]
+            new = storage_defaults(weight_format, comp_format, update or group["update"],
+                                   **{k: group[k] for k in _OPTION_KEYS})
+            group.update(new)
+            self._split_group(group)
+
+    def storage_for(self, param: Tensor) -> Storage:
+        """The storage a parameter is kept in (its group's settings)."""
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return self._storage(group)
+        raise KeyError("this tensor is not a parameter of the optimizer")
+
+    # ------------------------------------------------------------------ the write-back
+    def _write_back(self, p: Tensor, delta: Tensor, group: dict[str, Any], storage: Storage,
+                    alpha: float = 1.0) -> None:
+        st = self.state[p]
+        update = group["update"]
+        gen = self._generator(p.device) if update == "stochastic" else None
+        storage.add_(p, delta, comp=st.get("comp"), fl=st.get("w_fl"), update=update, generator=gen,
+                     alpha=alpha)
+
+    @staticmethod
+    def _check_lr(group: dict[str, Any]) -> float:
+        lr = group["lr"]
+        lr = float(lr.item()) if isinstance(lr, Tensor) else lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+        return float(lr)
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state dict plus the state of the stochastic-rounding generator."""
+        sd = super().state_dict()  # type: ignore[misc]
+        sd[_RNG_KEY] = self._rng_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop(_RNG_KEY, None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._load_rng_state(rng)
+
+    # ------------------------------------------------------------------ RNG
+    def _rng_state(self) -> dict[str, Any]:
+        return {"seed": self._sr_seed,
+                "generators": {k: g.get_state() for k, g in self._sr_generators.items()}}
+
+    def _load_rng_state(self, d: dict[str, Any] | None) -> None:
+        if d is None:
+            return
+        self._sr_seed = int(d["seed"])
+        self._sr_generators = {}
+        for key, gstate in d["generators"].items():
+            self._generator(torch.device(key)).set_state(gstate)

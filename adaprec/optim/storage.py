@@ -1,0 +1,411 @@
+"""How a parameter is *stored* in low precision, and the compensated (Kahan) update of that storage.
+
+A training step that keeps no FP32 master copy must write the updated weight back in its storage
+format. Two formats are involved (METHODS.md §3.1):
+
+* the **weight format** ``Q_w``: what forward and backward see — fixed point (``"fx8"``, ``"fx16"``),
+  a narrow float (``"bf16"``, ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``) or ``"fp32"``;
+* the **compensation format** ``Q_c``: the grid of the per-weight residual ``c`` that Kahan summation
+  carries from step to step.
+
+Fixed-point storage keeps its scale. :class:`adaprec.formats.FixedPoint` picks a new power-of-two scale
+from the tensor's range on every call, which is right for activations but wrong for stored weights: a
+weight grid that moves every step re-rounds every weight every step. Here the fractional length ``FL``
+(values are ``q * 2**-FL`` with ``q`` a signed ``bits``-bit integer) is chosen **once** per tensor, when
+the tensor is split into weight and compensation — at the optimizer's construction and again at every
+format change (:func:`resplit`) — and kept in between. The choice is
+``FL = floor(log2((2**(bits-1) - 0.5) / max|w|)) - headroom_bits`` (MuPPET's scale rule, minus
+``headroom_bits`` bits of room for the weights to grow; an all-zero tensor uses ``max|w| = zero_range``),
+except that a tensor already lying exactly on a finer grid that holds it without saturation keeps that
+grid, so splitting an already-stored tensor (e.g. after loading a checkpoint) never changes it.
+Weights that outgrow the range would saturate, which stalls training (a linear digits classifier
+stored in 16-bit fixed point with a frozen range reached 89% instead of 92%). So by default
+(``overflow="rescale"``) an update that would overflow lowers ``FL`` just enough for the new values to
+fit — the grid only ever coarsens, by powers of two, a handful of times per run, and the compensation
+follows it — in the spirit of dynamic fixed point with overflow-triggered scale updates (Courbariaux
+et al. 2014). ``overflow="saturate"`` keeps ``FL`` frozen and clamps.
+A fixed-point compensation buffer of ``n_c`` bits gets ``FL_c = FL_w + n_c - 1``: it spans one step of
+the weight grid at ``n_c - 1`` extra bits of resolution, so ``w + c`` acts like a ``(n_w + n_c - 1)``-bit
+number kept in two words.
+
+In simulation all values stay in float32 tensors (float64 parameters are accepted too); the formats
+say which values those tensors may hold. Rounding is decided by the update mode, not by a format's
+``rounding`` field: ``"kahan"`` and ``"nearest"`` round to nearest (ties to even), ``"stochastic"``
+rounds the weight stochastically.
+
+Example:
+    >>> import torch
+    >>> from adaprec.optim import Storage
+    >>> s = Storage("fx8")
+    >>> w = torch.tensor([0.5, -0.25, 0.3])
+    >>> fl = s.fit(w)                    # kept fractional length: 7 - 1 bit of headroom
+    >>> int(fl)
+    6
+    >>> s.quantize_weight(w, fl)
+    tensor([ 0.5000, -0.2500,  0.2969])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..formats import FLOAT_FORMATS, FP32, FixedPoint, FloatFormat, Format, IntFormat, parse_format
+
+__all__ = ["Storage", "storage_format", "format_name", "significand_bits", "resplit", "UPDATE_MODES",
+           "OVERFLOW_MODES", "MASTER_SIGNIFICAND_BITS"]
+
+#: How a step is written back: compensated, plain round-to-nearest (swamps), or stochastic rounding.
+UPDATE_MODES = ("kahan", "nearest", "stochastic")
+
+#: What a fixed-point weight does when an update would leave its range: lower FL, or clamp.
+OVERFLOW_MODES = ("rescale", "saturate")
+
+#: Significand bits of the FP32 master copy that low-precision storage replaces (and of the float32
+#: tensors that simulate it). A compensation format finer than this is refused.
+MASTER_SIGNIFICAND_BITS = 24
+
+# Fractional lengths are clamped so that 2**FL and 2**-FL stay normal float32 numbers even after the
+# compensation's extra n_c - 1 bits are added.
+_FL_MIN, _FL_MAX = -90.0, 90.0
+
+
+def storage_format(spec: object, *, role: str = "weight") -> Format:
+    """Read a storage format: fixed point, a narrow float, or FP32.
+
+    Accepted: ``"fxB"``/``"fixedB"`` or an int ``B`` (``B``-bit fixed point, kept scale),
+    :class:`~adaprec.formats.FixedPoint`, ``"bf16"``, ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``,
+    :class:`~adaprec.formats.FloatFormat`, ``"fp32"``/:class:`~adaprec.formats.FP32`. The result rounds
+    to nearest (the update mode decides rounding). Integer min-max formats (``"int8"``,
+    :class:`~adaprec.formats.IntFormat`) are refused: their grid follows the tensor's min and max, so a
+    stored weight would be re-gridded every step.
+
+    Example:
+        >>> storage_format(8), storage_format("bf16").name, storage_format("fp32").kind
+        (FixedPoint(bits=8, rounding='nearest'), 'bf16', 'fp32')
+    """
+    allowed = (f"an int bit-width 2..32 (fixed point), 'fxB', 'fp32', or one of {sorted(FLOAT_FORMATS)}")
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = "fp32" if spec == 32 else FixedPoint(spec, rounding="nearest")
+    if isinstance(spec, str) and spec.strip().lower().startswith("int"):
+        raise ValueError(
+            f"{role} storage format {spec!r}: integer min-max formats re-grid the tensor on every call and "
+            f"cannot hold stored weights; use fixed point ('fx{spec.strip()[3:]}') or {allowed}")
+    try:
+        fmt = parse_format(spec, role="weight")
+    except ValueError as e:
+        raise ValueError(f"cannot read {spec!r} as a {role} storage format; use {allowed}") from e
+    if isinstance(fmt, IntFormat):
+        raise ValueError(
+            f"{role} storage format {fmt!r}: integer min-max formats re-grid the tensor on every call and "
+            f"cannot hold stored weights; use {allowed}")
+    if isinstance(fmt, FixedPoint):
+        return FixedPoint(fmt.bits, rounding="nearest")
+    if isinstance(fmt, FloatFormat):
+        return FloatFormat(fmt.name, rounding="nearest")
+    if isinstance(fmt, FP32):
+        return fmt
+    raise ValueError(f"{role} storage format {fmt!r} is not supported; use {allowed}")
+
+
+def format_name(fmt: Format) -> str:
+    """Canonical short name of a storage format (``"fx8"``, ``"bf16"``, ``"fp32"``), as kept in groups."""
+    return fmt.short()
+
+
+def significand_bits(fmt: Format) -> int:
+    """Bits of resolution a format carries: ``bits - 1`` for fixed point (sign apart), mantissa + 1 for
+    floats (implicit bit included), 24 for FP32.
+
+    Example:
+        >>> significand_bits(storage_format("fx16")), significand_bits(storage_format("bf16"))
+        (15, 8)
+    """
+    if isinstance(fmt, FixedPoint):
+        return fmt.bits - 1
+    if isinstance(fmt, FloatFormat):
+        return fmt.spec.mantissa + 1
+    return MASTER_SIGNIFICAND_BITS
+
+
+def _exact_frac_bits(x: Tensor) -> Tensor:
+    """Smallest ``k`` such that every element of ``x`` times ``2**k`` is an integer (0-d tensor).
+
+    Zeros are ignored (an all-zero tensor gives a very negative number). Works from the binary
+    mantissa: ``x = m * 2**e`` with ``M = m * 2**p`` an integer, the last set bit of ``M`` says how many
+    fractional bits ``x`` really uses.
+    """
+    p = 1 - int(math.log2(torch.finfo(x.dtype).eps))  # 24 for float32, 53 for float64
+    m, e = torch.frexp(x.detach())
+    big = (m * 2.0**p).to(torch.int64)
+    low = big & (-big)  # value of the lowest set bit; 0 for zeros
+    nz = low != 0
+    tz = torch.log2(torch.where(nz, low, torch.ones_like(low)).to(torch.float64))
+    k = (p - e.to(torch.float64) - tz).masked_fill(~nz, -1e9)
+    return k.max().to(torch.float32) if x.numel() else torch.tensor(-1e9)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A weight storage format, its compensation format, and the rounding between them.
+
+    ``weight`` and ``comp`` take anything :func:`storage_format` reads. ``comp=None`` picks the
+    default: same width as the weight (fixed point ``FL_c = FL_w + n - 1``; the same float format; FP32
+    for FP32). Rules, checked here:
+
+    * fixed-point storage needs ``bits <= 25`` and any compensation at most 24 significand bits — the
+      values must be exact in the float32 tensors that simulate them, and a compensation finer than
+      the FP32 master it replaces would be pointless (:data:`MASTER_SIGNIFICAND_BITS`);
+    * a fixed-point compensation needs a fixed-point weight (its grid hangs off the weight's ``FL``).
+
+    ``headroom_bits`` (>= 0), ``zero_range`` (> 0) and ``overflow`` (``"rescale"`` or ``"saturate"``)
+    steer a fixed-point tensor's kept fractional length (module docstring). Memory is *modelled*: see
+    :meth:`bytes_per_param`.
+
+    Example:
+        >>> import torch
+        >>> s = Storage("fx8")                      # 8-bit weights, 8-bit compensation
+        >>> w = torch.zeros(4); c = torch.zeros(4); fl = s.fit(torch.ones(4))
+        >>> for _ in range(10):                     # 10 steps of 1/4 of a grid step each
+        ...     s.add_(w, torch.full((4,), 2.0**-8), comp=c, fl=fl)
+        >>> w + c                                   # nothing lost
+        tensor([0.0391, 0.0391, 0.0391, 0.0391])
+        >>> Storage("bf16").bytes_per_param()
+        4.0
+    """
+
+    weight: Format = field(default_factory=lambda: FloatFormat("bf16"))
+    comp: Format | None = None
+    headroom_bits: int = 1
+    zero_range: float = 1.0
+    overflow: str = "rescale"
+
+    def __post_init__(self) -> None:
+        w = storage_format(self.weight, role="weight")
+        if isinstance(w, FixedPoint) and w.bits > MASTER_SIGNIFICAND_BITS + 1:
+            raise ValueError(
+                f"weight storage format fx{w.bits} is wider than the FP32 master it replaces "
+                f"(needs {w.bits - 1} significand bits, float32 holds {MASTER_SIGNIFICAND_BITS}); "
+                f"use at most fx{MASTER_SIGNIFICAND_BITS + 1}, or 'fp32'")
+        if self.comp is None:
+            c = w
+        else:
+            c = storage_format(self.comp, role="compensation")
+        if significand_bits(c) > MASTER_SIGNIFICAND_BITS:
+            raise ValueError(
+                f"compensation format {format_name(c)} is wider than the FP32 master it replaces: it "
+                f"needs {significand_bits(c)} significand bits, float32 holds {MASTER_SIGNIFICAND_BITS}; "
+                f"use at most fx{MASTER_SIGNIFICAND_BITS + 1}, a narrower float, or 'fp32'")
+        if isinstance(c, FixedPoint) and not isinstance(w, FixedPoint):
+            raise ValueError(
+                f"a fixed-point compensation ({format_name(c)}) needs a fixed-point weight format, got "
+                f"{format_name(w)}; use a float compensation ('bf16', 'fp16', 'fp8_*', 'fp32') or leave "
+                f"comp=None for the default ({format_name(w)})")
+        if isinstance(self.headroom_bits, bool) or not isinstance(self.headroom_bits, int) \
+                or not 0 <= self.headroom_bits <= 16:
+            raise ValueError(f"headroom_bits must be an int in 0..16, got {self.headroom_bits!r}")
+        if isinstance(self.zero_range, bool) or not isinstance(self.zero_range, int | float) \
+                or not (math.isfinite(self.zero_range) and self.zero_range > 0):
+            raise ValueError(f"zero_range must be a finite number > 0, got {self.zero_range!r}")
+        if self.overflow not in OVERFLOW_MODES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
+        object.__setattr__(self, "weight", w)
+        object.__setattr__(self, "comp", c)
+        object.__setattr__(self, "zero_range", float(self.zero_range))
+
+    # ------------------------------------------------------------------ description
+    @property
+    def is_fixed(self) -> bool:
+        """True when the weight is fixed point (it then has a kept fractional length)."""
+        return isinstance(self.weight, FixedPoint)
+
+    def key(self) -> str:
+        """A canonical string for this storage, e.g. ``"fx8+fx8/h1/z1.0/rescale"`` (to notice changes)."""
+        w, c = format_name(self.weight), format_name(self.comp)
+        return f"{w}+{c}/h{self.headroom_bits}/z{self.zero_range!r}/{self.overflow}"
+
+    def bytes_per_param(self, compensated: bool = True) -> float:
+        """Modelled bytes per parameter of the weight plus (if ``compensated``) its compensation.
+
+        A ``b``-bit format costs ``b / 8`` bytes (packed storage; a per-tensor fractional length is
+        negligible). The simulation itself keeps float32 tensors; this is the cost the formats model.
+        """
+        return (self.weight.bits + (self.comp.bits if compensated else 0)) / 8.0
+
+    # ------------------------------------------------------------------ grids
+    def fit(self, w: Tensor) -> Tensor | None:
+        """Choose the kept fractional length of a fixed-point weight tensor (0-d float tensor).
+
+        Returns ``None`` for float and FP32 weights, whose grid needs no per-tensor state.
+        """
+        if not self.is_fixed:
+            return None
+        w = w.detach()
+        amax = w.abs().amax() if w.numel() else torch.zeros((), dtype=w.dtype, device=w.device)
+        amax = torch.where(amax > 0, amax, torch.full_like(amax, self.zero_range))
+        fl_fit = self._fl_holding(amax)
+        fl = fl_fit - self.headroom_bits
+        # A tensor already on a grid that holds it (e.g. stored weights loaded from a checkpoint) keeps
+        # a grid at least that fine, so re-splitting it is lossless.
+        exact = _exact_frac_bits(w).to(fl.device)
+        fl = torch.where(exact <= fl_fit, torch.maximum(fl, exact), fl)
+        return fl.clamp(_FL_MIN, _FL_MAX - (self.comp.bits if isinstance(self.comp, FixedPoint) else 0))
+
+    def _fl_holding(self, amax: Tensor) -> Tensor:
+        """Largest fractional length whose ``bits``-bit grid holds ``amax`` (``inf`` for 0)."""
+        half = 2.0 ** (self.weight.bits - 1)
+        return torch.floor(torch.log2((half - 0.5) / amax.float()))
+
+    def _rescale_(self, fl: Tensor | None, target: Tensor) -> None:
+        """``overflow="rescale"``: lower the kept ``fl`` (in place) just enough to hold ``target``."""
+        if fl is None or not self.is_fixed or self.overflow != "rescale" or not target.numel():
+            return
+        fl.copy_(torch.minimum(fl, self._fl_holding(target.abs().amax()).to(fl.device)).clamp_min(_FL_MIN))
+
+    def quantize_weight(self, x: Tensor, fl: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Round ``x`` to the weight grid; ``noise`` (uniform in [0, 1)) makes the rounding stochastic."""
+        return _round_to(self.weight, x, fl, noise, saturate=True)
+
+    def quantize_comp(self, x: Tensor, fl: Tensor | None = None, saturate: bool = True) -> Tensor:
+        """Round ``x`` to the compensation grid (round to nearest).
+
+        ``saturate=False`` rounds to the fixed-point grid without clamping to the ``n_c``-bit range: the
+        transient sum ``y = Δ + c`` of a Kahan step is not stored, only the residual is.
+        """
+        cfl = None
+        if isinstance(self.comp, FixedPoint):
+            if fl is None:
+                raise ValueError("a fixed-point compensation needs the weight's fractional length `fl`")
+            cfl = fl + (self.comp.bits - 1)
+        return _round_to(self.comp, x, cfl, None, saturate=saturate)
+
+    def comp_ulp(self, fl: Tensor | None = None) -> float:
+        """Grid step of a fixed-point compensation (``2**-FL_c``); ``nan`` for float compensations."""
+        if isinstance(self.comp, FixedPoint) and fl is not None:
+            return 2.0 ** -(float(fl) + self.comp.bits - 1)
+        return math.nan
+
+    # ------------------------------------------------------------------ updates
+    def split(self, w_hp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Split a high-precision tensor into ``(w, c, fl)``: ``w = Q_w(w_hp)``, ``c = Q_c(w_hp - w)``."""
+        fl = self.fit(w_hp)
+        w = self.quantize_weight(w_hp, fl)
+        return w, self.quantize_comp(w_hp - w, fl), fl
+
+    @torch.no_grad()
+    def resplit_(self, param: Tensor, comp: Tensor | None = None) -> Tensor | None:
+        """Re-split ``param + comp`` in place into this storage; returns the new fractional length.
+
+        ``w_hp = param + comp``; ``param = Q_w(w_hp)``; ``comp = Q_c(w_hp - param)`` (when given), so
+        ``param + comp`` is preserved up to the new compensation grid. Without ``comp`` the parameter is
+        just rounded to the new weight grid.
+        """
+        w_hp = param.detach() + comp if comp is not None else param.detach().clone()
+        w, c, fl = self.split(w_hp)
+        param.copy_(w)
+        if comp is not None:
+            comp.copy_(c)
+        return fl
+
+    @torch.no_grad()
+    def add_(
+        self,
+        w: Tensor,
+        delta: Tensor,
+        *,
+        comp: Tensor | None = None,
+        fl: Tensor | None = None,
+        update: str = "kahan",
+        generator: torch.Generator | None = None,
+        alpha: float = 1.0,
+    ) -> None:
+        """Write ``w + Δ`` (``Δ = alpha * delta``) back into storage in place (``w``; for Kahan ``comp``).
+
+        * ``"kahan"``: ``y = Q_c(Δ + c)``; ``w' = Q_w(w + y)``; ``c = Q_c(y - (w' - w))``;
+        * ``"nearest"``: ``w' = Q_w(w + Δ)`` — steps under half a grid step are lost (swamping);
+        * ``"stochastic"``: ``w' = SR_w(w + Δ)``, unbiased; noise from ``generator``.
+
+        With ``overflow="rescale"`` a fixed-point ``fl`` is lowered in place when ``w + Δ`` would leave
+        the range. ``alpha`` is applied inside the addition (``torch.add(w, delta, alpha=alpha)``), so
+        that FP32 storage with ``update="nearest"`` reproduces ``torch.optim.SGD`` bit for bit.
+        """
+        if update == "kahan":
+            if comp is None:
+                raise ValueError("update='kahan' needs the compensation buffer `comp`")
+            y = self.quantize_comp(torch.add(comp, delta, alpha=alpha), fl, saturate=False)
+            target = w + y
+            self._rescale_(fl, target)  # a coarser grid (if any) applies to w and c from here on
+            w_new = self.quantize_weight(target, fl)
+            comp.copy_(self.quantize_comp(y - (w_new - w), fl))
+            w.copy_(w_new)
+        elif update == "nearest":
+            target = torch.add(w, delta, alpha=alpha)
+            self._rescale_(fl, target)
+            w.copy_(self.quantize_weight(target, fl))
+        elif update == "stochastic":
+            if isinstance(self.weight, FP32):
+                w.add_(delta, alpha=alpha)  # nothing to round to
+                return
+            target = torch.add(w, delta, alpha=alpha)
+            self._rescale_(fl, target)
+            noise = torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype)
+            w.copy_(self.quantize_weight(target, fl, noise))
+        else:
+            raise ValueError(f"unknown update mode {update!r}; expected one of {UPDATE_MODES}")
+
+
+def _round_to(fmt: Format, x: Tensor, fl: Tensor | None, noise: Tensor | None, saturate: bool) -> Tensor:
+    """Round ``x`` to ``fmt``'s grid: nearest-even, or ``floor(v + noise)`` when ``noise`` is given.
+
+    Written here rather than through :meth:`Format.quantize` because fixed-point storage needs a *kept*
+    fractional length, and stochastic rounding must draw from the optimizer's own generator so that a
+    saved RNG state resumes bit for bit.
+    """
+    if isinstance(fmt, FP32):
+        return x
+    if isinstance(fmt, FixedPoint):
+        if fl is None:
+            raise ValueError("fixed-point storage needs the tensor's kept fractional length `fl`")
+        up = torch.exp2(fl.to(x.dtype))
+        v = x * up
+        q = torch.round(v) if noise is None else torch.floor(v + noise)
+        if saturate:
+            half = 2.0 ** (fmt.bits - 1)
+            q = q.clamp(-half, half - 1.0)
+        return q / up
+    if isinstance(fmt, FloatFormat):
+        s = fmt.spec
+        _, e = torch.frexp(x)  # x = m * 2**e, |m| in [0.5, 1): the binade's exponent is e - 1
+        ulp = torch.exp2(torch.clamp_min(e.to(x.dtype) - 1.0, float(s.emin)) - s.mantissa)
+        v = x / ulp
+        q = (torch.round(v) if noise is None else torch.floor(v + noise)) * ulp
+        return q.clamp(-s.max_value, s.max_value)
+    raise ValueError(f"unsupported storage format {fmt!r}")
+
+
+def resplit(
+    param: Tensor,
+    comp: Tensor | None,
+    new_weight_format: object,
+    new_comp_format: object = None,
+    **options: Any,
+) -> Tensor | None:
+    """On a precision switch, recombine and re-split a stored weight in place.
+
+    ``w_hp = param + comp``; ``param = Q_w(w_hp)``; ``comp = w_hp - param`` rounded to the new
+    compensation grid — so ``param + comp`` is preserved up to that grid. Returns the new kept
+    fractional length for fixed-point weights, ``None`` otherwise. ``options`` are the other
+    :class:`Storage` fields (``headroom_bits``, ``zero_range``, ``overflow``).
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([0.5, 0.25]); c = torch.tensor([0.001, -0.002])
+        >>> fl = resplit(w, c, "fx12")
+        >>> bool(((w + c) - torch.tensor([0.501, 0.248])).abs().max() < 2.0**-(int(fl) + 12))
+        True
+    """
+    return Storage(new_weight_format, new_comp_format, **options).resplit_(param, comp)

@@ -1,0 +1,283 @@
+"""PNG plots of runs logged by :class:`adaprec.tensorboard.Logger` (used by ``adaprec report``).
+
+One run: the precision timeline of every layer (weight and gradient bits as heat maps, layers by steps),
+the training loss, and the cumulative GBitOPs next to what FP32 and the static reference would have cost.
+Several runs: the final metric (accuracy by default) against GBitOPs, the loss curves, the cumulative
+GBitOPs and the mean weight bits over the layers. Everything is read back from the event files with
+TensorBoard's own reader and drawn with matplotlib's Agg backend (no display needed).
+
+Example:
+    >>> import tempfile, os
+    >>> from torch.utils.tensorboard import SummaryWriter
+    >>> from adaprec.plots import plot_runs
+    >>> d = tempfile.mkdtemp()
+    >>> with SummaryWriter(d) as w:
+    ...     for s, b in [(0, 4), (9, 4), (10, 8), (19, 8)]:
+    ...         w.add_scalar("bits/fc/weight", b, s); w.add_scalar("bits/fc/gradient", 8, s)
+    ...     w.add_scalar("cost/gbitops", 1.5, 19); w.add_scalar("loss/mean", 0.3, 19)
+    >>> out = plot_runs([d], os.path.join(d, "report.png"))
+    >>> os.path.getsize(out) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .tensorboard import read_scalars
+
+__all__ = ["find_runs", "plot_run", "plot_runs", "final_metric", "layer_bits", "METRIC_CANDIDATES"]
+
+Series = list[tuple[int, float]]
+
+#: Scalar tags tried, in order, for the y axis of the accuracy-vs-GBitOPs chart.
+METRIC_CANDIDATES = ("hparam/accuracy", "hparam/val_acc", "stats/val_acc", "stats/accuracy",
+                     "hparam/val_loss", "stats/val_loss", "hparam/bpc", "stats/bpc")
+
+_MAX_COLUMNS = 800  # heat-map resolution along the steps; long runs are sampled down to this
+
+
+def _is_run(path: Path) -> bool:
+    return any(p.name.startswith("events.out.tfevents") for p in path.iterdir() if p.is_file())
+
+
+def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories among ``paths``: a folder holding event files is a run; a folder without any is
+    searched below (so a study or ``runs/`` folder expands to all its runs).
+
+    Example:
+        >>> import tempfile
+        >>> find_runs([tempfile.mkdtemp()])
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no TensorBoard event files under ...
+    """
+    if not paths:
+        raise ValueError("give at least one run directory")
+    runs: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"run directory {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise NotADirectoryError(f"{str(path)!r} is not a directory; give a run directory (the "
+                                     "folder that holds events.out.tfevents.* files)")
+        if _is_run(path):
+            found = [path]
+        else:
+            found = sorted({f.parent for f in path.rglob("events.out.tfevents*") if f.is_file()})
+        if not found:
+            raise FileNotFoundError(f"no TensorBoard event files under {str(path)!r}; is it a run "
+                                    "directory written by adaprec (Controller(logdir=...) or adaprec train)?")
+        runs += [f for f in found if f not in runs]
+    return runs
+
+
+def layer_bits(scalars: dict[str, Series], role: str = "weight") -> dict[str, Series]:
+    """The ``bits/<layer>/<role>`` series of one run, by layer name, in the order the layers appear.
+
+    Example:
+        >>> layer_bits({"bits/a/weight": [(0, 4.0)], "bits/a/gradient": [(0, 8.0)], "loss/mean": []})
+        {'a': [(0, 4.0)]}
+    """
+    suffix = f"/{role}"
+    return {tag[len("bits/"):-len(suffix)]: series for tag, series in scalars.items()
+            if tag.startswith("bits/") and tag.endswith(suffix)}
+
+
+def final_metric(scalars: dict[str, Series], metric: str | None = None) -> tuple[str, float] | None:
+    """``(tag, last value)`` of the run's final metric: ``metric`` if given (a tag, or a key looked up as
+    ``hparam/<key>`` then ``stats/<key>``), else the first of :data:`METRIC_CANDIDATES` present."""
+    if metric is not None:
+        for tag in (metric, f"hparam/{metric}", f"stats/{metric}"):
+            if scalars.get(tag):
+                return tag, scalars[tag][-1][1]
+        return None
+    for tag in METRIC_CANDIDATES:
+        if scalars.get(tag):
+            return tag, scalars[tag][-1][1]
+    return None
+
+
+def _step_matrix(series: dict[str, Series], last_step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample every layer's step function at (at most ``_MAX_COLUMNS``) steps ``0..last_step``."""
+    steps = np.unique(np.linspace(0, max(last_step, 0), num=min(last_step + 1, _MAX_COLUMNS)).astype(int))
+    rows = []
+    for pts in series.values():
+        s = np.array([p[0] for p in pts])
+        v = np.array([p[1] for p in pts])
+        idx = np.clip(np.searchsorted(s, steps, side="right") - 1, 0, len(s) - 1)
+        rows.append(v[idx])
+    return steps, np.vstack(rows)
+
+
+def _last_step(scalars: dict[str, Series]) -> int:
+    return max((pts[-1][0] for pts in scalars.values() if pts), default=0)
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return fig, axes.ravel()
+
+
+def _save(fig, out: str | os.PathLike[str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _heatmap(ax, fig, series: dict[str, Series], last: int, title: str) -> None:
+    if not series:
+        ax.text(0.5, 0.5, "no bits logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        return
+    steps, mat = _step_matrix(series, last)
+    im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(series) - 0.5, -0.5),
+                   vmin=float(np.nanmin(mat)), vmax=max(float(np.nanmax(mat)), float(np.nanmin(mat)) + 1))
+    names = list(series)
+    # Deep models have many layers: label at most ~20 rows so the names stay readable.
+    stride = max(1, len(names) // 20)
+    ax.set_yticks(range(0, len(names), stride))
+    ax.set_yticklabels(names[::stride], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="bits")
+
+
+def _loss(ax, scalars: dict[str, Series], label: str | None = None, band: bool = True) -> bool:
+    mean = scalars.get("loss/mean")
+    if not mean:
+        return False
+    s = [p[0] for p in mean]
+    line, = ax.plot(s, [p[1] for p in mean], label=label)
+    lo, hi = scalars.get("loss/min"), scalars.get("loss/max")
+    if band and lo and hi and len(lo) == len(mean) == len(hi):
+        ax.fill_between(s, [p[1] for p in lo], [p[1] for p in hi], alpha=0.25, color=line.get_color(),
+                        label="min–max over the logging window")
+    return True
+
+
+def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """One run's report: weight- and gradient-bit timelines per layer, loss, cumulative GBitOPs.
+
+    Returns the path of the PNG written.
+    """
+    run = find_runs([run_dir])
+    if len(run) != 1:
+        raise ValueError(f"{str(run_dir)!r} holds {len(run)} runs; use plot_runs for several")
+    scalars = read_scalars(run[0])
+    last = _last_step(scalars)
+    fig, ax = _figure(2, 2, (11, 7))
+    fig.suptitle(f"adaprec run: {run[0].name}")
+    _heatmap(ax[0], fig, layer_bits(scalars, "weight"), last, "weight bits per layer")
+    _heatmap(ax[1], fig, layer_bits(scalars, "gradient"), last, "gradient bits per layer")
+    if _loss(ax[2], scalars, label="loss (window mean)"):
+        ax[2].legend(fontsize=8)
+    else:
+        ax[2].text(0.5, 0.5, "no loss observed", ha="center", va="center", transform=ax[2].transAxes)
+    metric = final_metric(scalars)
+    if metric is not None and metric[0].startswith("stats/") and len(scalars[metric[0]]) > 1:
+        twin = ax[2].twinx()
+        pts = scalars[metric[0]]
+        twin.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:green", label=metric[0])
+        twin.set_ylabel(metric[0], color="tab:green")
+    ax[2].set_xlabel("step")
+    ax[2].set_title("training loss")
+    _cost(ax[3], scalars)
+    return _save(fig, out)
+
+
+def _cost(ax, scalars: dict[str, Series]) -> None:
+    g = scalars.get("cost/gbitops")
+    ax.set_title("cumulative GBitOPs")
+    ax.set_xlabel("step")
+    if not g:
+        ax.text(0.5, 0.5, "no cost logged", ha="center", va="center", transform=ax.transAxes)
+        return
+    s = np.array([p[0] for p in g])
+    v = np.array([p[1] for p in g])
+    ax.plot(s, v, label="this run")
+    # What the same MACs would have cost at FP32 / the static reference, from the logged savings.
+    for tag, label, style in (("cost/savings_vs_fp32", "FP32", "--"),
+                              ("cost/savings_vs_reference", "static reference", ":")):
+        sv = scalars.get(tag)
+        if sv and len(sv) == len(g):
+            frac = 1 - np.array([p[1] for p in sv])
+            ok = frac > 0
+            ax.plot(s[ok], v[ok] / frac[ok], style, label=label)
+    ax.set_ylabel("GBitOPs")
+    ax.legend(fontsize=8)
+
+
+def _run_labels(runs: list[Path]) -> list[str]:
+    if len(runs) == 1:
+        return [runs[0].name]
+    common = Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+    return [str(r.resolve().relative_to(common)) or r.name for r in runs]
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+              metric: str | None = None) -> Path:
+    """A report of the runs under ``run_dirs``: one run gets :func:`plot_run`'s figure; several get the
+    final ``metric`` (default: accuracy, see :data:`METRIC_CANDIDATES`) against total GBitOPs, the loss
+    curves, the cumulative GBitOPs and the mean weight bits over layers. Returns the PNG's path."""
+    runs = find_runs(run_dirs)
+    if len(runs) == 1 and metric is None:
+        return plot_run(runs[0], out)
+    data = [read_scalars(r) for r in runs]
+    labels = _run_labels(runs)
+    fig, ax = _figure(2, 2, (11, 7.5))
+    fig.suptitle(f"adaprec: {len(runs)} runs")
+    # Final metric vs cost.
+    pts = []
+    for label, scalars in zip(labels, data):
+        m = final_metric(scalars, metric)
+        g = scalars.get("cost/gbitops")
+        if m is not None and g:
+            pts.append((label, g[-1][1], m[1], m[0]))
+    if not pts:
+        want = metric or " / ".join(METRIC_CANDIDATES[:4])
+        raise ValueError(f"none of the runs logged both cost/gbitops and a final metric ({want}); "
+                         "observe one with ctl.observe(val_acc=...) or pick another with --metric")
+    for label, x, y, _ in pts:
+        ax[0].scatter(x, y)
+        ax[0].annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax[0].set_xlabel("training GBitOPs")
+    ax[0].set_ylabel(pts[0][3].split("/", 1)[-1])
+    ax[0].set_title(f"{pts[0][3].split('/', 1)[-1]} vs cost")
+    for label, scalars in zip(labels, data):
+        _loss(ax[1], scalars, label=label, band=False)
+        g = scalars.get("cost/gbitops")
+        if g:
+            ax[2].plot([p[0] for p in g], [p[1] for p in g], label=label)
+        weights = layer_bits(scalars, "weight")
+        if weights:
+            steps, mat = _step_matrix(weights, _last_step(scalars))
+            ax[3].step(steps, mat.mean(axis=0), where="post", label=label)
+    for a, title, ylab in ((ax[1], "training loss (window mean)", "loss"),
+                           (ax[2], "cumulative GBitOPs", "GBitOPs"),
+                           (ax[3], "mean weight bits over layers", "bits")):
+        a.set_title(title)
+        a.set_xlabel("step")
+        a.set_ylabel(ylab)
+        if a.get_legend_handles_labels()[0] and len(runs) <= 12:
+            a.legend(fontsize=7)
+    return _save(fig, out)

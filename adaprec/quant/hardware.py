@@ -1,0 +1,565 @@
+"""The hardware backend: run a layer on real low-precision kernels when its decision allows it.
+
+``Controller(model, backend="hardware")`` attaches the same sites as the simulated backend (same
+``attach``/``apply``/``detach`` contract, same exact restore, same resumable state) and, for every
+Linear and convolution layer, picks at each :meth:`HardwareBackend.apply` a *route* from the layer's
+current precision. Everything that no real kernel can run goes through the simulated path unchanged.
+
+Routes (a "16-bit float" below is ``FloatFormat("bf16")`` or ``FloatFormat("fp16")``):
+
+=========  =====================================================  =====================================
+route      when (all conditions)                                  what runs
+=========  =====================================================  =====================================
+``lowp``   Linear or Conv1d/2d/3d; weight and activation the      autocast-style: weight, input and bias
+           same 16-bit float, nearest rounding; gradient the      cast to that dtype, product in it,
+           same 16-bit float (either rounding); the dtype's       output cast back to float32. The
+           matmul runs on the device                              error is cast to the dtype by the
+                                                                  backward (fp16 and stochastic
+                                                                  errors first go through the
+                                                                  simulated gradient quantizer, which
+                                                                  saturates / rounds stochastically)
+``fp8``    Linear; weight and activation ``fp8_e4m3``, nearest;   ``torch._scaled_mm`` with dynamic
+           gradient ``fp8_e5m2`` or ``fp8_e4m3`` (either          per-tensor scales (amax / max finite)
+           rounding); ``_scaled_mm`` runs on the device           forward E4M3 x E4M3, backward error in
+                                                                  the gradient format x E4M3 (both
+                                                                  products); bias added in float32
+``fp8``    the same, but the call's shape is not allowed on the   the same scaled FP8 numbers with the
+(emul.)    device (CUDA: every dim of the product a multiple of   product in float32 (``fp8`` is decided
+           16), ``_scaled_mm`` is missing, or the layer is a      per call, by shape; convs always
+           convolution                                            emulate)
+``int8``   Linear; weight ``IntFormat(8)`` (per channel or per    ``torch._int_mm`` on the CPT/SBM
+           tensor, nearest); activation ``IntFormat(8)`` per      min-max codes shifted to int8, with
+           tensor, nearest; any gradient format; ``_int_mm`` runs the zero points folded in exactly.
+           on the device. Per call, CUDA needs M > 16 and K, N    Backward: the error is quantized by
+           multiples of 8 (else the same codes multiply in        the gradient format; the weight
+           float32)                                               gradient uses ``_int_mm`` when the
+                                                                  error is 8-bit int per tensor (else
+                                                                  float32); the input gradient always
+                                                                  multiplies in float32, because the
+                                                                  weight's per-channel scales run
+                                                                  along that product's reduction
+``sim``    everything else: other bit-widths and formats (int    the simulated backend's fake
+           2-7/9-16, fixed point, stochastic forward rounding,    quantization, exactly as with
+           mixed roles), LSTM/GRU/RNN/MultiheadAttention, a       ``backend="simulated"``
+           route whose kernel the device lacks (except fp8)
+=========  =====================================================  =====================================
+
+FP8 here always means *scaled* FP8, as FP8 training is done on real hardware: each tensor is divided by
+``amax / max_finite`` before the cast. The simulated backend's ``FloatFormat("fp8_e4m3")`` is unscaled,
+so on the ``sim`` route (RNN/attention layers) an FP8 decision means the unscaled format.
+
+Which kernels exist is found by running each one once on the model's device at ``attach`` (torch 2.15:
+on the CPU ``bfloat16``/``float16`` matmuls and convolutions, ``torch._scaled_mm`` and ``torch._int_mm``
+all run, without shape restrictions). ``strict_shapes`` (default: on for CUDA only) applies the CUDA
+shape rules anyway. A route change is a change of the traced program: under ``torch.compile`` each
+route compiles once (at most five variants per layer); bit-width changes *within* the ``sim`` route
+still never recompile (DESIGN.md contract 3). Scales are tensors: no host sync per step.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    >>> be = HardwareBackend()
+    >>> be.attach(model, [("0", model[0]), ("2", model[2])])
+    ['0', '2']
+    >>> be.apply({"0": hardware_precision("fp8"), "2": Precision.cpt(4, 8)})
+    >>> {n: r.kind for n, (r, _) in be.routes().items()}
+    {'0': 'fp8', '2': 'sim'}
+    >>> model(torch.randn(4, 32)).shape
+    torch.Size([4, 16])
+    >>> be.detach(); "forward" in model[0].__dict__
+    False
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..formats import FloatFormat, Format, IntFormat, Precision
+from . import kernels
+from .simulated import SimulatedBackend
+from .site import LayerSite
+
+__all__ = ["HardwareBackend", "Route", "hardware_precision", "route_for", "probe_kernels", "KERNELS"]
+
+#: Kernel families the backend knows; ``HardwareBackend(kernels=...)`` takes a subset.
+KERNELS: tuple[str, ...] = ("bf16", "fp16", "fp8", "int8")
+
+_LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+# Smallest dequantization scale: keeps an all-zero tensor at zero instead of 0/0.
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one layer runs for one mode (training or evaluation).
+
+    ``kind``: ``"sim"``, ``"lowp"``, ``"fp8"`` or ``"int8"``; ``dtype``: the forward dtype (lowp, fp8);
+    ``grad_dtype``: the FP8 error dtype; ``grad_quant``: whether the error first goes through the
+    simulated gradient quantizer (stochastic rounding, fp16 saturation); ``kernel``: whether a real
+    kernel runs (``False``: the same numbers, emulated in float32).
+
+    Example:
+        >>> route_for(hardware_precision("bf16"), torch.nn.Linear(2, 2), {"bf16"}).kind
+        'lowp'
+    """
+
+    kind: str
+    dtype: torch.dtype | None = None
+    grad_dtype: torch.dtype | None = None
+    grad_quant: bool = False
+    kernel: bool = True
+
+
+_SIM = Route("sim", kernel=False)
+
+
+def hardware_precision(name: str) -> Precision:
+    """The :class:`Precision` a hardware kernel runs: "fp8", "bf16", "fp16", "int8" or "fp32".
+
+    ``"fp8"`` is E4M3 weights and activations with E5M2 errors; ``"int8"`` is CPT's 8/8 (per-channel
+    weights, stochastic errors); the 16-bit floats round errors to nearest, as autocast does.
+
+    Example:
+        >>> hardware_precision("fp8").short(), hardware_precision("bf16").gradient.rounding
+        ('fp8_e4m3/fp8_e5m2', 'nearest')
+    """
+    if name == "fp8":
+        return Precision(FloatFormat("fp8_e4m3"), FloatFormat("fp8_e4m3"), FloatFormat("fp8_e5m2"))
+    if name in _LOWP:
+        f = FloatFormat(name)
+        return Precision(f, f, f)
+    if name == "int8":
+        return Precision.cpt(8, 8)
+    if name == "fp32":
+        return Precision.fp32()
+    raise ValueError(f"unknown hardware precision {name!r}; known: ['fp8', 'bf16', 'fp16', 'int8', 'fp32']")
+
+
+def _float_name(f: Format) -> str | None:
+    return f.name if isinstance(f, FloatFormat) else None
+
+
+def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> Route:
+    """The route of one layer at precision ``prec`` when the kernels ``kernels_ok`` run on its device.
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> route_for(hardware_precision("fp8"), lin, set()).kernel  # no _scaled_mm: emulated FP8
+        False
+        >>> [route_for(Precision.cpt(b, 8), lin, {"int8"}).kind for b in (8, 6)]
+        ['int8', 'sim']
+    """
+    ok = set(kernels_ok)
+    is_linear = isinstance(module, nn.Linear)
+    is_conv = isinstance(module, nn.modules.conv._ConvNd)
+    if not (is_linear or is_conv):
+        return _SIM
+    w, a, g = prec.weight, prec.activation, prec.gradient
+    wn, an, gn = _float_name(w), _float_name(a), _float_name(g)
+    forward_nearest = not w.stochastic and not a.stochastic
+    if wn in _LOWP and wn == an == gn and forward_nearest:
+        if wn not in ok:
+            return _SIM
+        return Route("lowp", _LOWP[wn], grad_quant=g.stochastic or wn == "fp16")
+    if wn == an == "fp8_e4m3" and gn in _FP8 and forward_nearest:
+        kernel = is_linear and "fp8" in ok
+        return Route("fp8", _FP8[wn], _FP8[gn], grad_quant=g.stochastic, kernel=kernel)
+    if (is_linear and "int8" in ok and isinstance(w, IntFormat) and isinstance(a, IntFormat)
+            and w.bits == 8 and a.bits == 8 and forward_nearest and not a.per_channel):
+        return Route("int8")
+    return _SIM
+
+
+# --- kernel probes ---------------------------------------------------------------------------------
+
+_PROBED: dict[str, frozenset[str]] = {}
+
+
+def probe_kernels(device: torch.device | str) -> frozenset[str]:
+    """Which of :data:`KERNELS` run on ``device`` (each is tried once on tiny inputs; cached).
+
+    Example:
+        >>> "bf16" in probe_kernels("cpu")
+        True
+    """
+    device = torch.device(device)
+    key = str(device)
+    if key in _PROBED:
+        return _PROBED[key]
+    found = set()
+    for name, dt in _LOWP.items():
+        try:
+            a = torch.ones(16, 16, dtype=dt, device=device)
+            F.linear(a, a)
+            found.add(name)
+        except Exception:  # noqa: BLE001 - any failure means "not on this device"
+            pass
+    try:
+        one = torch.ones((), device=device)
+        a = torch.ones(16, 16, device=device)
+        b = a.to(torch.float8_e4m3fn).t()
+        torch._scaled_mm(a.to(torch.float8_e4m3fn), b, scale_a=one, scale_b=one, out_dtype=torch.float32)
+        torch._scaled_mm(a.to(torch.float8_e5m2), b, scale_a=one, scale_b=one, out_dtype=torch.float32)
+        found.add("fp8")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        a = torch.ones(32, 32, dtype=torch.int8, device=device)
+        torch._int_mm(a, a.t())
+        found.add("int8")
+    except Exception:  # noqa: BLE001
+        pass
+    _PROBED[key] = frozenset(found)
+    return _PROBED[key]
+
+
+# --- FP8 -------------------------------------------------------------------------------------------
+
+def _scaled_cast(x: Tensor, dtype: torch.dtype, sr_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``x`` as FP8 codes with one dynamic dequantization scale ``amax / max_finite`` (a 0-d tensor).
+
+    ``sr_p``: the format's kernel parameters for stochastic rounding (done in float32 onto the FP8 grid,
+    after which the cast is exact); ``None`` rounds to nearest in the cast itself.
+    """
+    scale = (x.detach().abs().amax().float() / _FP8_MAX[dtype]).clamp_min(_TINY)
+    xs = x.detach() / scale
+    if sr_p is not None:
+        xs = kernels.float_quantize(xs, sr_p, stochastic=True)
+    # Rounding can land a hair above max_finite; clamp so E4M3 (no inf) never produces NaN.
+    return xs.clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype), scale
+
+
+def _mm8(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, kernel: bool) -> Tensor:
+    """``(a * sa) @ (b * sb)`` for FP8 codes; ``b`` column-major, as ``_scaled_mm`` wants it."""
+    if kernel:
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    return (a.float() @ b.float()) * (sa * sb)
+
+
+def _fp8_shape_ok(m: int, k: int, n: int) -> bool:
+    return m % 16 == 0 and k % 16 == 0 and n % 16 == 0
+
+
+class _FP8Linear(torch.autograd.Function):
+    """``y = x w^T + b`` with scaled E4M3 operands; the error is cast to the gradient format."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, dtype, grad_dtype, grad_p, kernel):  # noqa: D102
+        x8, sx = _scaled_cast(x, dtype)
+        w8, sw = _scaled_cast(w, dtype)
+        y = _mm8(x8, sx, w8.t(), sw, kernel)
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(x8, sx, w8, sw, grad_p)
+        ctx.grad_dtype, ctx.kernel, ctx.has_bias = grad_dtype, kernel, b is not None
+        ctx.grad_sr = grad_p is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        x8, sx, w8, sw, grad_p = ctx.saved_tensors
+        g8, sg = _scaled_cast(g.contiguous(), ctx.grad_dtype, grad_p if ctx.grad_sr else None)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm8(g8, sg, w8.t().contiguous().t(), sw, ctx.kernel)
+        if ctx.needs_input_grad[1]:
+            gw = _mm8(g8.t().contiguous(), sg, x8.t().contiguous().t(), sx, ctx.kernel)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = (g8.float().sum(0) * sg)
+        return gx, gw, gb, None, None, None, None
+
+
+class _FakeScaledFP8(torch.autograd.Function):
+    """Scaled FP8 round trip of ``x`` in the forward, straight-through gradient (emulated convs)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):  # noqa: D102
+        x8, s = _scaled_cast(x, dtype)
+        return x8.float() * s
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        return g, None
+
+
+class _ScaledFP8Grad(torch.autograd.Function):
+    """Identity in the forward; the error goes through a scaled FP8 round trip in the backward."""
+
+    @staticmethod
+    def forward(ctx, y, dtype, grad_p):  # noqa: D102
+        ctx.dtype = dtype
+        ctx.save_for_backward(grad_p)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        (p,) = ctx.saved_tensors
+        g8, s = _scaled_cast(g, ctx.dtype, p if p.numel() else None)
+        return g8.float() * s, None, None
+
+
+# --- INT8 ------------------------------------------------------------------------------------------
+
+def _int_codes(x: Tensor, qmax: Tensor, lo: Tensor, hi: Tensor, stochastic: bool = False):
+    """CPT/SBM min-max codes of ``x`` (same arithmetic as :func:`kernels.int_quantize`).
+
+    Returns ``(q, scale)`` with ``q`` the float codes in ``0..qmax``; ``q * scale + lo`` is the value.
+    """
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    v = (x.detach() - lo) / scale
+    q = torch.floor(v + torch.rand_like(v)) if stochastic else torch.round(v)
+    return torch.minimum(q.clamp_min(0.0), qmax), scale
+
+
+def _affine_mm(qa: Tensor, sa: Tensor, za: Tensor, qb: Tensor, sb: Tensor, zb: Tensor,
+               kernel: bool) -> Tensor:
+    """``(sa*qa + za) @ (sb*qb + zb)`` for int8 codes; ``sa, za`` per row of ``a`` (or scalars),
+    ``sb, zb`` per column of ``b`` (or scalars): the integer product plus exact zero-point terms."""
+    if kernel:
+        acc = torch._int_mm(qa, qb).float()
+    else:
+        acc = qa.float() @ qb.float()
+    ra = qa.sum(1, keepdim=True, dtype=torch.float32)
+    rb = qb.sum(0, keepdim=True, dtype=torch.float32)
+    return (sa * sb) * acc + (sa * zb) * ra + (za * sb) * rb + (qa.shape[1] * za) * zb
+
+
+def _int_ok(m: int, k: int, n: int, strict: bool) -> bool:
+    return not strict or (m > 16 and k % 8 == 0 and n % 8 == 0)
+
+
+class _Int8Linear(torch.autograd.Function):
+    """``y = x_q w_q^T + b`` through ``torch._int_mm``; the backward quantizes the error like the
+    simulated gradient quantizer and feeds the same quantized error to all three gradients."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, lo, hi, w_per_channel, gq, strict):  # noqa: D102
+        qmax = torch.full((), 255.0, device=x.device)
+        qx, sx = _int_codes(x, qmax, lo, hi)
+        wlo, whi = kernels.batch_range(w, w_per_channel)
+        qw, sw = _int_codes(w, qmax, wlo, whi)
+        # Shift codes 0..255 to int8 -128..127: value = s * (q - 128) + (lo + 128 s).
+        cx, zx = (qx - 128.0).to(torch.int8), lo + 128.0 * sx
+        cw, zw = (qw - 128.0).to(torch.int8), wlo + 128.0 * sw
+        m, k = cx.shape
+        n = cw.shape[0]
+        sw_row, zw_row = sw.reshape(1, -1) if sw.dim() else sw, zw.reshape(1, -1) if zw.dim() else zw
+        y = _affine_mm(cx, sx, zx, cw.t(), sw_row, zw_row, kernel=_int_ok(m, k, n, strict))
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(cx, sx, zx, cw, sw, zw)
+        ctx.gq, ctx.strict, ctx.has_bias = gq, strict, b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        cx, sx, zx, cw, sw, zw = ctx.saved_tensors
+        gq = ctx.gq
+        g = g.contiguous()
+        codes = None
+        if gq.kind == "int" and not gq.per_channel and gq.fmt.bits == 8:
+            lo, hi = torch.aminmax(g)
+            q, sg = _int_codes(g, gq.p[0], lo, hi, gq.stochastic)
+            gdeq = q * sg + lo
+            codes, zg = (q - 128.0).to(torch.int8), lo + 128.0 * sg
+        elif gq.active:
+            gdeq = kernels.quantize(g, gq.kind, gq.p, False, gq.stochastic)
+        else:
+            gdeq = g
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gdeq @ (cw.float() * sw + zw)
+        if ctx.needs_input_grad[1]:
+            m, k = cx.shape
+            n = cw.shape[0]
+            if codes is not None:
+                gw = _affine_mm(codes.t().contiguous(), sg, zg, cx.t().contiguous().t(), sx, zx,
+                                kernel=_int_ok(n, m, k, ctx.strict))
+            else:
+                gw = gdeq.t() @ (cx.float() * sx + zx)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gdeq.sum(0)
+        return gx, gw, gb, None, None, None, None, None
+
+
+# --- the instance forwards -------------------------------------------------------------------------
+
+class _HwLayer:
+    """One layer's hardware state: its site, the simulated forward to fall back to, its two routes."""
+
+    __slots__ = ("site", "module", "sim", "train", "eval", "strict", "calls", "macs_per_out")
+
+    def __init__(self, site: LayerSite, module: nn.Module, sim, strict: bool) -> None:
+        self.site, self.module, self.sim, self.strict = site, module, sim, strict
+        self.train = self.eval = _SIM
+        self.calls: dict[str, int] = {}
+        if isinstance(module, nn.Linear):
+            self.macs_per_out = module.in_features
+        else:  # convolution: one output element sums over (C_in / groups) * prod(kernel) products
+            self.macs_per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def tally(self, what: str) -> None:
+        # Plain Python bookkeeping: skipped while torch.compile traces, so it adds no guards.
+        if not torch.compiler.is_compiling():
+            self.calls[what] = self.calls.get(what, 0) + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        module = self.module
+        training = module.training
+        route = self.train if training else self.eval
+        if route.kind == "sim":
+            self.tally("sim")
+            return self.sim(x)
+        roles = self.site.roles(training)
+        if isinstance(module, nn.Linear):
+            y = self._linear(route, roles, x, training)
+        else:
+            y = self._conv(route, roles, x, training)
+        if training:
+            self.site.count(y.numel() * self.macs_per_out)
+        return y
+
+    def _grad(self, roles, y: Tensor, route: Route) -> Tensor:
+        return roles.gradient.grad(y) if route.grad_quant and roles.gradient.active else y
+
+    def _lowp(self, route: Route, roles, fn, x: Tensor) -> Tensor:
+        dt = route.dtype
+        m = self.module
+        b = None if m.bias is None else m.bias.to(dt)
+        y = fn(x.to(dt), m.weight.to(dt), b).float()
+        return self._grad(roles, y, route)
+
+    def _linear(self, route: Route, roles, x: Tensor, training: bool) -> Tensor:
+        m = self.module
+        if route.kind == "lowp":
+            self.tally("lowp")
+            return self._lowp(route, roles, F.linear, x)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        n = m.out_features
+        if route.kind == "fp8":
+            kernel = route.kernel and (not self.strict or _fp8_shape_ok(x2.shape[0], k, n))
+            self.tally("fp8" if kernel else "fp8-emulated")
+            gp = roles.gradient.p if route.grad_quant else None
+            y = _FP8Linear.apply(x2, m.weight, m.bias, route.dtype, route.grad_dtype, gp, kernel)
+        else:  # int8
+            self.tally("int8" if _int_ok(x2.shape[0], k, n, self.strict) else "int8-emulated")
+            lo, hi = roles.activation._range(x2, training)
+            y = _Int8Linear.apply(x2, m.weight, m.bias, lo, hi, roles.weight.per_channel,
+                                  roles.gradient, self.strict)
+        return y.reshape(*lead, n)
+
+    def _conv(self, route: Route, roles, x: Tensor, training: bool) -> Tensor:
+        m = self.module
+        if route.kind == "lowp":
+            self.tally("lowp")
+            return self._lowp(route, roles, m._conv_forward, x)
+        # fp8 on a convolution: scaled FP8 numbers, product in float32.
+        self.tally("fp8-emulated")
+        xq = _FakeScaledFP8.apply(x, route.dtype)
+        wq = _FakeScaledFP8.apply(m.weight, route.dtype)
+        y = m._conv_forward(xq, wq, m.bias)
+        if not y.requires_grad:
+            return y
+        gp = roles.gradient.p if route.grad_quant else _EMPTY.to(y.device)
+        return _ScaledFP8Grad.apply(y, route.grad_dtype, gp)
+
+
+_EMPTY = torch.empty(0)
+
+
+class HardwareBackend(SimulatedBackend):
+    """Real low-precision kernels where the decision and the device allow, simulation elsewhere.
+
+    Args:
+        kernels: which kernel families to use, a subset of :data:`KERNELS`; ``None`` uses every one that
+            runs on the model's device. Naming one that does not run there is an error at attach.
+        strict_shapes: apply the CUDA shape rules of ``_scaled_mm`` / ``_int_mm`` per call
+            (falling back to the same numbers in float32); ``None``: only on CUDA devices.
+
+    See the module docstring for the routing table. ``routes()`` shows each layer's current
+    (training, evaluation) routes; ``calls()`` counts, per layer, how forwards actually ran.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> be = HardwareBackend(kernels=["bf16"])
+        >>> be.attach(model, [("0", model[0])])
+        ['0']
+        >>> be.apply({"0": hardware_precision("bf16")})
+        >>> _ = model(torch.randn(2, 16)); be.calls()
+        {'0': {'lowp': 1}}
+        >>> be.detach()
+    """
+
+    name = "hardware"
+
+    def __init__(self, kernels: Iterable[str] | None = None, strict_shapes: bool | None = None) -> None:
+        super().__init__()
+        if kernels is not None:
+            if isinstance(kernels, str):
+                kernels = [kernels]
+            kernels = list(kernels)
+            bad = [k for k in kernels if k not in KERNELS]
+            if bad:
+                raise ValueError(f"unknown kernel families {bad}; allowed: {list(KERNELS)}")
+        if strict_shapes is not None and not isinstance(strict_shapes, bool):
+            raise TypeError(f"strict_shapes must be True, False or None, got {strict_shapes!r}")
+        self.requested = None if kernels is None else frozenset(kernels)
+        self.strict_shapes = strict_shapes
+        self.kernels: frozenset[str] = frozenset()
+        self._hw: dict[str, _HwLayer] = {}
+
+    def attach(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
+        device = next(model.parameters()).device
+        found = probe_kernels(device)
+        if self.requested is not None and not self.requested <= found:
+            raise RuntimeError(f"kernels {sorted(self.requested - found)} do not run on {device}; "
+                               f"available there: {sorted(found)}")
+        self.kernels = found if self.requested is None else self.requested
+        strict = device.type == "cuda" if self.strict_shapes is None else self.strict_shapes
+        names = super().attach(model, layers)
+        try:
+            for name, site in self.sites.items():
+                module = site.module
+                if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+                    continue
+                hw = _HwLayer(site, module, module.forward, strict)
+                self._hw[name] = hw
+                module.forward = hw.forward
+        except BaseException:
+            self.detach()
+            raise
+        return names
+
+    def apply(self, train: dict[str, Precision], eval: dict[str, Precision] | None = None) -> None:
+        super().apply(train, eval)
+        for name, prec in train.items():
+            hw = self._hw.get(name)
+            if hw is None:
+                continue
+            ev = prec if eval is None else eval.get(name, prec)
+            hw.train = route_for(prec, hw.module, self.kernels)
+            hw.eval = route_for(ev, hw.module, self.kernels)
+
+    def detach(self) -> None:
+        self._hw.clear()
+        super().detach()
+
+    def routes(self) -> dict[str, tuple[Route, Route]]:
+        """``{layer: (training route, evaluation route)}``; layers the backend only simulates show
+        ``Route("sim")``."""
+        return {n: (self._hw[n].train, self._hw[n].eval) if n in self._hw else (_SIM, _SIM)
+                for n in self.sites}
+
+    def calls(self) -> dict[str, dict[str, int]]:
+        """How each layer's eager forwards ran so far: ``{"fp8": 12, "fp8-emulated": 1, ...}``."""
+        return {n: dict(h.calls) for n, h in self._hw.items() if h.calls}

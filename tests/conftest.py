@@ -1,0 +1,19 @@
+"""Shared fixtures. Keep this file small: fixtures that only one test file needs live in that file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state (stochastic rounding draws from it)."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Module:
+    """Conv -> ReLU -> Linear on 1x8x8 inputs, 3 classes: the smallest model with both layer kinds."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
