@@ -6,7 +6,9 @@ status 2; set ``ADAPREC_DEBUG=1`` to get the full traceback instead.
 
 Adding a subcommand: write ``add_arguments(parser)`` and ``run(args) -> int | None`` and call
 :func:`register_command` when your module is imported; list the module in ``EXTENSION_MODULES`` (or
-import it before calling :func:`main`) so that the CLI loads it::
+import it before calling :func:`main`) so that the CLI loads it. A module that already builds its own
+sub-parser (``add_parser(subparsers) -> parser``, as :mod:`adaprec.tune.cli` does) registers it with
+``register_command(name, run, add_parser=add_parser)``::
 
     from adaprec.cli import CLIError, register_command
 
@@ -22,11 +24,13 @@ import it before calling :func:`main`) so that the CLI loads it::
     register_command("tune", _run, help="tune a policy with Optuna", add_arguments=_add_arguments)
 
 Example:
+    >>> import contextlib, io
     >>> from adaprec.cli import main
-    >>> main(["policies"])  # doctest: +ELLIPSIS
-    fixed ...
-    fp32 ...
-    0
+    >>> out = io.StringIO()
+    >>> with contextlib.redirect_stdout(out):
+    ...     code = main(["policies"])
+    >>> code, "fixed" in out.getvalue()
+    (0, True)
     >>> main(["train", "--epochs", "0"])  # prints a one-line error on stderr
     2
 """
@@ -39,18 +43,20 @@ import importlib
 import math
 import os
 import sys
-import tomllib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 __all__ = ["main", "register_command", "build_parser", "CLIError", "Progress", "EXTENSION_MODULES",
            "default_run_name"]
 
 #: Modules imported when the parser is built, so that the subcommands they register appear. A missing
 #: module is skipped (the feature is not installed); one that fails to import is reported on stderr.
-EXTENSION_MODULES: list[str] = ["adaprec.tune"]
+EXTENSION_MODULES: list[str] = []
 
 PROG = "adaprec"
 
@@ -63,20 +69,25 @@ class CLIError(Exception):
 class _Command:
     name: str
     run: Callable[[argparse.Namespace], int | None]
-    help: str
+    help: str | None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None
     description: str | None
+    add_parser: Callable[[Any], argparse.ArgumentParser] | None = None
 
 
 _COMMANDS: dict[str, _Command] = {}
 
 
-def register_command(name: str, run: Callable[[argparse.Namespace], int | None], *, help: str,
+def register_command(name: str, run: Callable[[argparse.Namespace], int | None], *, help: str | None = None,
                      add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                     add_parser: Callable[[Any], argparse.ArgumentParser] | None = None,
                      description: str | None = None, overwrite: bool = False) -> None:
     """Add ``adaprec <name>``: ``add_arguments(parser)`` declares its options, ``run(args)`` does the work
     and returns the exit status (``None`` means 0). Raise :class:`CLIError` (or ``ValueError``,
     ``FileNotFoundError``…) for user errors: the CLI prints them as one line and exits with status 2.
+
+    Instead of ``help``/``add_arguments`` a module that builds its own sub-parser passes
+    ``add_parser(subparsers) -> parser``; it must add the parser under ``name``.
 
     Example:
         >>> register_command("hello", lambda args: print("hi", args.who), help="say hi",
@@ -92,19 +103,58 @@ def register_command(name: str, run: Callable[[argparse.Namespace], int | None],
         raise TypeError(f"run for command {name!r} must be callable(args)")
     if add_arguments is not None and not callable(add_arguments):
         raise TypeError(f"add_arguments for command {name!r} must be callable(parser)")
+    if add_parser is not None:
+        if not callable(add_parser):
+            raise TypeError(f"add_parser for command {name!r} must be callable(subparsers) -> parser")
+        if add_arguments is not None or help is not None:
+            raise ValueError(f"command {name!r}: give either add_parser or help/add_arguments, not both")
+    elif not help:
+        raise ValueError(f"command {name!r} needs help= (one line for 'adaprec --help')")
     if name in _COMMANDS and not overwrite:
         raise ValueError(f"command {name!r} is already registered (pass overwrite=True to replace it)")
-    _COMMANDS[name] = _Command(name, run, help, add_arguments, description)
+    _COMMANDS[name] = _Command(name, run, help, add_arguments, description, add_parser)
+
+
+class _UsageError(CLIError):
+    """A malformed command line; the message points to ``--help``."""
 
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) that points to ``--help``."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        raise CLIError(message)
+        raise _UsageError(message)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` only where there is a meaningful default not already in the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _register_tune() -> None:
+    # ``adaprec tune`` lives in adaprec.tune.cli, which builds its own sub-parser.
+    if "tune" in _COMMANDS:
+        return
+    try:
+        from .tune.cli import add_tune_parser, run_tune
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.startswith("adaprec.tune"):
+            return  # not part of this installation
+        raise
+    register_command("tune", run_tune, add_parser=add_tune_parser)
 
 
 def _load_extensions() -> None:
+    try:
+        _register_tune()
+    except Exception as exc:  # e.g. optuna missing: the other commands still work
+        print(f"{PROG}: warning: 'adaprec tune' is unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
     for mod in EXTENSION_MODULES:
         if mod in sys.modules:
             continue
@@ -128,10 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     for cmd in _COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        if cmd.add_arguments is not None:
-            cmd.add_arguments(p)
+        if cmd.add_parser is not None:
+            p = cmd.add_parser(sub)
+            if not isinstance(p, argparse.ArgumentParser) or sub.choices.get(cmd.name) is not p:
+                raise TypeError(f"add_parser of command {cmd.name!r} must add and return a parser named "
+                                f"{cmd.name!r}")
+        else:
+            p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help,
+                               formatter_class=_Formatter)
+            if cmd.add_arguments is not None:
+                cmd.add_arguments(p)
         p.set_defaults(_command=cmd.name)
     return parser
 
@@ -176,7 +232,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _help_hint(exc: BaseException, where: str) -> str:
-    return f" (see '{where} --help')" if isinstance(exc, CLIError) else ""
+    return f" (see '{where} --help')" if isinstance(exc, _UsageError) else ""
 
 
 # --- shared argument types ---------------------------------------------------------------------------
@@ -185,9 +241,9 @@ def _positive_int(flag: str) -> Callable[[str], int]:
         try:
             v = int(text)
         except ValueError:
-            raise CLIError(f"{flag} must be a positive integer, got {text!r}") from None
+            raise _UsageError(f"{flag} must be a positive integer, got {text!r}") from None
         if v < 1:
-            raise CLIError(f"{flag} must be a positive integer, got {v}")
+            raise _UsageError(f"{flag} must be a positive integer, got {v}")
         return v
     return parse
 
@@ -197,9 +253,9 @@ def _nonneg_int(flag: str) -> Callable[[str], int]:
         try:
             v = int(text)
         except ValueError:
-            raise CLIError(f"{flag} must be a non-negative integer, got {text!r}") from None
+            raise _UsageError(f"{flag} must be a non-negative integer, got {text!r}") from None
         if v < 0:
-            raise CLIError(f"{flag} must be a non-negative integer, got {v}")
+            raise _UsageError(f"{flag} must be a non-negative integer, got {v}")
         return v
     return parse
 
@@ -209,9 +265,9 @@ def _positive_float(flag: str) -> Callable[[str], float]:
         try:
             v = float(text)
         except ValueError:
-            raise CLIError(f"{flag} must be a positive number, got {text!r}") from None
+            raise _UsageError(f"{flag} must be a positive number, got {text!r}") from None
         if not (v > 0 and math.isfinite(v)):
-            raise CLIError(f"{flag} must be a positive number, got {text}")
+            raise _UsageError(f"{flag} must be a positive number, got {text}")
         return v
     return parse
 
@@ -222,7 +278,7 @@ def _param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key.isidentifier():
-        raise CLIError(f"--param needs key=value (e.g. --param bits=4), got {text!r}")
+        raise _UsageError(f"--param needs key=value (e.g. --param bits=4), got {text!r}")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
@@ -297,8 +353,8 @@ class Progress:
 
         from .events import Event
 
-        self.bar = tqdm(total=self.total_steps, unit="step", file=self.file or sys.stderr, disable=self.disable,
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(total=self.total_steps, unit="step", file=self.file or sys.stderr,
+                        disable=self.disable, dynamic_ncols=True, leave=True)
         ctl.on(Event.EPOCH_STARTED, self._epoch)
         ctl.on(Event.ITERATION_COMPLETED, self._step)
         ctl.on(Event.METRICS_OBSERVED, self._metrics)
@@ -324,6 +380,8 @@ class Progress:
     def _refresh(self, ctl: Any) -> None:
         loss = ctl.stats.get("loss")
         if loss is not None:
+            if hasattr(loss, "detach"):
+                loss = loss.detach()
             self._postfix["loss"] = f"{float(loss):.4f}"
         if ctl.history:
             self._postfix["bits"] = ctl.history[-1].summary()
@@ -349,7 +407,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], type=_param, metavar="KEY=VALUE",
                    help="policy constructor argument, repeatable (e.g. --param bits=4 --param grad_bits=8)")
     p.add_argument("--epochs", type=_positive_int("--epochs"), help="epochs (default: the task's)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), help="batch size (default: the task's)")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
+                   help="batch size (default: the task's)")
     p.add_argument("--lr", type=_positive_float("--lr"), help="learning rate (default: the task's)")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (cuda if available)")
@@ -440,19 +499,20 @@ def format_result(result: Any, run_dir: Path | None) -> str:
     ref = r.get("reference", "int8/int8")
     lines = [
         f"task {result.task} · policy {result.policy} · {result.steps} steps in {result.wall_time_s:.1f} s",
-        f"  {result.primary_metric:<22} {result.primary:.4f}  (best {result.best:.4f})",
-        f"  {'GBitOPs':<22} {r['gbitops']:.4g}  (FP32 {r['gbitops_fp32']:.4g}, static {ref} "
+        f"  {result.primary_metric:<28} {result.primary:.4f}  (best {result.best:.4f})",
+        f"  {'GBitOPs':<28} {r['gbitops']:.4g}  (FP32 {r['gbitops_fp32']:.4g}, static {ref} "
         f"{r['gbitops_reference']:.4g})",
-        f"  {'savings vs FP32':<22} {100 * r['savings_vs_fp32']:.1f} %",
-        f"  {'savings vs static ' + ref:<22} {100 * r['savings_vs_reference']:.1f} %",
+        f"  {'savings vs FP32':<28} {100 * r['savings_vs_fp32']:.1f} %",
+        f"  {'savings vs static ' + ref:<28} {100 * r['savings_vs_reference']:.1f} %",
     ]
     tap = r.get("time_at_precision") or {}
     if tap:
         top = sorted(tap.items(), key=lambda kv: -kv[1])[:4]
         more = f", +{len(tap) - 4} more" if len(tap) > 4 else ""
-        lines.append(f"  {'time at precision':<22} " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in top) + more)
+        shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in top)
+        lines.append(f"  {'time at precision':<28} {shares}{more}")
     if run_dir is not None:
-        lines.append(f"  {'TensorBoard logs':<22} {run_dir}   (tensorboard --logdir {run_dir.parent})")
+        lines.append(f"  {'TensorBoard logs':<28} {run_dir}   (tensorboard --logdir {run_dir.parent})")
     lines.append("")
     lines.append("report:")
     lines += ["  " + line for line in str(_short_report(r)).splitlines()]
@@ -501,12 +561,12 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
                    help="run folders (a folder of runs, e.g. runs/ or a study, expands to all of them)")
     p.add_argument("-o", "--out", metavar="FILE.png",
                    help="output PNG (default: RUN_DIR/report.png for one run, ./report.png for several)")
-    p.add_argument("--metric", help="final metric for the runs' comparison (a tag such as stats/val_acc, or a "
-                   "key such as val_acc); default: accuracy")
+    p.add_argument("--metric", help="final metric for the runs' comparison (a tag such as stats/val_acc, "
+                   "or a key such as val_acc; default: accuracy)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .plots import find_runs, final_metric, plot_runs
+    from .plots import final_metric, find_runs, plot_runs
     from .tensorboard import read_scalars
 
     runs = find_runs(args.runs)
@@ -528,10 +588,29 @@ def _run_report(args: argparse.Namespace) -> int:
 
 # --- adaprec prt ---------------------------------------------------------------------------------------
 def _add_prt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="digits", help="task whose model is probed (see adaprec train --help)")
+    from .prt import PRT_DEFAULTS
+
+    p.add_argument("--task", default="digits", help="task whose model is probed (see 'adaprec train --help')")
     p.add_argument("--data", metavar="PATH", help="data folder for cifar10/imagefolder")
     p.add_argument("--model", metavar="NAME", help="torchvision model name for cifar10/imagefolder")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), help="batch size (default: the task's)")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"),
+                   help="batch size (default: the task's)")
+    p.add_argument("--lr", type=_positive_float("--lr"), help="learning rate (default: the task's)")
+    p.add_argument("--metric", choices=("auto", "accuracy", "loss"), default="auto",
+                   help="what the test watches: training accuracy (the paper's choice; classification "
+                   "tasks) or the training loss; auto: accuracy where the task has it")
+    p.add_argument("--start-bits", type=_positive_int("--start-bits"), default=PRT_DEFAULTS["start_bits"],
+                   help="lowest forward precision tested")
+    p.add_argument("--max-bits", type=_positive_int("--max-bits"), default=8,
+                   help="highest forward precision tested; also B_max")
+    p.add_argument("--grad-bits", type=_positive_int("--grad-bits"), default=8, help="backward bits")
+    p.add_argument("--steps-per-bits", type=_positive_int("--steps-per-bits"),
+                   default=PRT_DEFAULTS["steps_per_bits"], help="iterations per precision level")
+    p.add_argument("--window", type=_positive_int("--window"), default=PRT_DEFAULTS["window"],
+                   help="iterations averaged at the start and the end of a level")
+    p.add_argument("--threshold", type=float, default=PRT_DEFAULTS["threshold"],
+                   help="progress within a level that counts as learning")
+    p.add_argument("--full-curve", action="store_true", help="measure every level up to --max-bits")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the curve and the bounds to this PNG")
@@ -539,18 +618,82 @@ def _add_prt_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_prt(args: argparse.Namespace) -> int:
-    try:
-        prt = importlib.import_module("adaprec.prt")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("adaprec.prt",):
-            raise CLIError("the precision range test (adaprec.prt) is not available in this installation") \
-                from None
-        raise
-    return _prt_command(prt, args)
+    import torch
+
+    from .prt import find_bounds
+    from .tasks.run import seed_everything
+
+    if args.plot is not None:
+        plot = Path(args.plot)
+        if plot.suffix.lower() != ".png":
+            raise CLIError(f"--plot must name a .png file, got {args.plot!r}")
+        if not plot.resolve().parent.is_dir():
+            raise CLIError(f"--plot: folder {str(plot.parent)!r} does not exist")
+    task = _build_task(args)
+    device = torch.device(_device_arg(args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device!r}: CUDA is not available here")
+    seed_everything(args.seed)
+    model = task.build_model(args.seed).to(device)
+    batches = task.train_batches(args.batch_size or task.defaults.get("batch_size", 32), args.seed)
+    use_acc = args.metric == "accuracy" or (args.metric == "auto" and task.primary_metric == "accuracy")
+    fn = _prt_fn(task, device, use_acc)
+    with warnings.catch_warnings():
+        # "no level passed" is printed below with the bounds; the Python warning would repeat it.
+        warnings.filterwarnings("ignore", message="precision range test: no level")
+        result = find_bounds(model, fn, batches, start_bits=args.start_bits, max_bits=args.max_bits,
+                             grad_bits=args.grad_bits, steps_per_bits=args.steps_per_bits,
+                             window=args.window, threshold=args.threshold, full_curve=args.full_curve,
+                             lr=args.lr or task.defaults.get("lr", 0.01))
+    result.metric = "accuracy" if use_acc else "loss"  # find_bounds calls a returned metric "metric"
+    print(f"precision range test on {task.name}: watching training {result.metric} "
+          f"({'higher' if result.mode == 'max' else 'lower'} is better), {result.steps} iterations")
+    print(f"  {'bits':>4}  {'first':>9}  {'last':>9}  {'progress':>9}  passed")
+    for lv in result.levels:
+        print(f"  {lv.bits:>4}  {lv.first:>9.4g}  {lv.last:>9.4g}  {lv.progress:>9.4g}  "
+              f"{'yes' if lv.passed else 'no'}")
+    found = "" if result.found else "  (no level passed the threshold: train statically at B_max)"
+    print(f"bounds: B_min = {result.b_min}, B_max = {result.b_max}{found}")
+    print(f"use them: adaprec train --task {task.name} --policy cpt "
+          f"--param 'bits=[{result.b_min}, {result.b_max}]'")
+    if args.plot is not None:
+        from .plots import plot_prt
+
+        print(f"wrote {plot_prt(result, args.plot)}")
+    if args.logdir is not None:
+        from .tensorboard import log_prt
+
+        log_prt(args.logdir, result)
+        print(f"logged the curve to {args.logdir} (tensorboard --logdir {args.logdir})")
+    return 0
 
 
-def _prt_command(prt: Any, args: argparse.Namespace) -> int:
-    raise CLIError("adaprec prt is not wired yet")
+def _prt_fn(task: Any, device: Any, use_acc: bool) -> Callable[[Any, Any], Any]:
+    """``fn(model, batch)`` for :func:`adaprec.prt.find_bounds`: the task's own loss, plus the batch's
+    training accuracy taken from the model's output (captured by a forward hook, so the task's loss
+    code runs unchanged and the model runs once)."""
+    import torch
+
+    def fn(model: Any, batch: Any) -> Any:
+        if device.type != "cpu":
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        if not use_acc:
+            return task.loss(model, batch)
+        seen: list[Any] = []
+        handle = model.register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            loss = task.loss(model, batch)
+        finally:
+            handle.remove()
+        out, target = (seen[-1] if seen else None), batch[-1]
+        if not isinstance(out, torch.Tensor) or out.shape[:-1] != target.shape:
+            raise CLIError(f"task {task.name!r}: cannot read a training accuracy from the model's output; "
+                           "use --metric loss")
+        with torch.no_grad():
+            acc = (out.argmax(-1) == target).float().mean()
+        return loss, acc
+
+    return fn
 
 
 register_command("train", _run_train, add_arguments=_add_train_arguments,
@@ -566,8 +709,8 @@ register_command("policies", _run_policies, add_arguments=_add_policies_argument
                  help="list the registered precision policies (plugins included)")
 register_command("report", _run_report, add_arguments=_add_report_arguments,
                  help="PNG plots of runs from their TensorBoard logs",
-                 description="Plot one run (precision timeline per layer, loss, cumulative GBitOPs) or compare "
-                 "several (final accuracy vs GBitOPs, loss, cost, mean bits).")
+                 description="Plot one run (precision timeline per layer, loss, cumulative GBitOPs) or "
+                 "compare several (final accuracy vs GBitOPs, loss, cost, mean bits).")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,6 +105,12 @@ class Controller:
             :class:`~adaprec.guard.DivergenceGuard`, or ``False``. It needs ``optimizer=``.
         sync_stats: under ``torch.distributed``, average the values given to :meth:`observe` over
             all ranks so that every rank's policy sees the same statistics and decides the same.
+        classifier_floor: keep the classifier at ``ceil(log2 C) + 1 + 2`` bits
+            (:class:`~adaprec.constraints.ClassifierFloor`, applied before ``constraints``): ``True``
+            (default: auto-detected layer), ``False``, or a configured ``ClassifierFloor``.
+        weight_storage: store the weights in the decided weight formats, no FP32 master
+            (:mod:`adaprec.storage_mode`; needs an ``adaprec.optim`` optimizer): ``False`` (default),
+            ``True`` or a configured ``StorageMode``.
 
     Leaving the ``with`` block — normally or by an exception — restores the model exactly.
 
@@ -131,6 +137,8 @@ class Controller:
         logdir: str | None = None,
         guard: bool | DivergenceGuard = True,
         sync_stats: bool = True,
+        classifier_floor: Any = True,
+        weight_storage: Any = False,
     ) -> None:
         # Validate everything before touching the model (contract 5: nothing left half-changed).
         if not isinstance(model, nn.Module):
@@ -169,6 +177,13 @@ class Controller:
         for c in self.constraints:
             if not callable(c):
                 raise TypeError(f"constraints must be callables (layers, ctl) -> layers, got {c!r}")
+        from .constraints import make_classifier_floor
+        from .storage_mode import make_storage_mode, memory_section
+
+        self.classifier_floor = make_classifier_floor(classifier_floor)
+        if self.classifier_floor is not None:  # first, so that the user's own constraints have the last word
+            self.constraints.insert(0, self.classifier_floor)
+        self.weight_storage = make_storage_mode(weight_storage)
         if guard is True:
             guard = DivergenceGuard()
         if guard is not False and not isinstance(guard, DivergenceGuard):
@@ -200,6 +215,10 @@ class Controller:
         self._active = False
         self._exited = False
         self.cost: CostMeter | None = None
+        if optimizer is not None:
+            self.add_report_section("memory", memory_section(self))
+        if self.weight_storage is not None:
+            self.weight_storage.attach(self)
 
     # --- events ---------------------------------------------------------------------------------
     def on(self, event: Hashable, handler: Callable[..., Any], *, every: int = 1,
@@ -255,14 +274,18 @@ class Controller:
         opt, orig = self.optimizer, self.optimizer.step
         had = "step" in opt.__dict__
 
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        def guarded_step(_opt: Any, *args: Any, **kwargs: Any) -> Any:
             if self._current is not None and not all(p.is_fp32 for p in self._current.values()) \
                     and not self.guard.step_ok(self):
                 self._complete_iteration()  # the iteration happened; only its update is skipped
                 return None
             return orig(*args, **kwargs)
 
-        opt.step = guarded_step
+        # Bound (an LR scheduler made inside the block wraps ``step.__func__``) and carrying the
+        # scheduler's mark when ``orig`` had it, so a scheduler made before entering does not warn.
+        if hasattr(orig, "_wrapped_by_lr_sched"):
+            guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        opt.step = guarded_step.__get__(opt)
 
         class _Restore:
             @staticmethod
@@ -364,6 +387,10 @@ class Controller:
     def _constrain(self, layers: dict[str, Precision]) -> dict[str, Precision]:
         for c in self.constraints:
             layers = c(layers, self)
+            if (not isinstance(layers, dict) or layers.keys() != set(self.layer_names)
+                    or not all(isinstance(p, Precision) for p in layers.values())):
+                raise TypeError(f"constraint {c!r} must return a dict mapping every quantized layer "
+                                f"name to a Precision, got {layers!r}")
         return layers
 
     def refresh(self, force: bool = False) -> None:
@@ -449,7 +476,7 @@ class Controller:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         # Re-apply what was in force at the saved step, without recording a new change.
         self._decision = None
-        hist = self.history
+        hist = list(self.history)  # a copy: _apply appends to self.history
         self._apply(self.policy.decide(self), force=True)
         self.history = hist
         self._current = hist[-1].layers if hist else self._current

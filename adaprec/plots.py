@@ -25,12 +25,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .tensorboard import read_scalars
 
-__all__ = ["find_runs", "plot_run", "plot_runs", "final_metric", "layer_bits", "METRIC_CANDIDATES"]
+__all__ = ["find_runs", "plot_run", "plot_runs", "plot_prt", "final_metric", "layer_bits",
+           "METRIC_CANDIDATES"]
 
 Series = list[tuple[int, float]]
 
@@ -143,7 +145,7 @@ def _save(fig, out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _heatmap(ax, fig, series: dict[str, Series], last: int, title: str) -> None:
+def _heatmap(ax, fig, series: dict[str, Series], last: int, title: str, lo: float, hi: float) -> None:
     if not series:
         ax.text(0.5, 0.5, "no bits logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
@@ -151,7 +153,7 @@ def _heatmap(ax, fig, series: dict[str, Series], last: int, title: str) -> None:
     steps, mat = _step_matrix(series, last)
     im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis",
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, len(series) - 0.5, -0.5),
-                   vmin=float(np.nanmin(mat)), vmax=max(float(np.nanmax(mat)), float(np.nanmin(mat)) + 1))
+                   vmin=lo, vmax=max(hi, lo + 1))
     names = list(series)
     # Deep models have many layers: label at most ~20 rows so the names stay readable.
     stride = max(1, len(names) // 20)
@@ -187,18 +189,23 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
     last = _last_step(scalars)
     fig, ax = _figure(2, 2, (11, 7))
     fig.suptitle(f"adaprec run: {run[0].name}")
-    _heatmap(ax[0], fig, layer_bits(scalars, "weight"), last, "weight bits per layer")
-    _heatmap(ax[1], fig, layer_bits(scalars, "gradient"), last, "gradient bits per layer")
+    weights, grads = layer_bits(scalars, "weight"), layer_bits(scalars, "gradient")
+    # One colour scale for both maps, so equal colours mean equal bits.
+    values = [v for series in (*weights.values(), *grads.values()) for _, v in series]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    _heatmap(ax[0], fig, weights, last, "weight bits per layer", lo, hi)
+    _heatmap(ax[1], fig, grads, last, "gradient bits per layer", lo, hi)
     if _loss(ax[2], scalars, label="loss (window mean)"):
         ax[2].legend(fontsize=8)
     else:
         ax[2].text(0.5, 0.5, "no loss observed", ha="center", va="center", transform=ax[2].transAxes)
     metric = final_metric(scalars)
-    if metric is not None and metric[0].startswith("stats/") and len(scalars[metric[0]]) > 1:
+    curve = None if metric is None else scalars.get("stats/" + metric[0].split("/", 1)[1])
+    if curve:
+        # The validation metric over the run, on its own axis next to the loss.
         twin = ax[2].twinx()
-        pts = scalars[metric[0]]
-        twin.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:green", label=metric[0])
-        twin.set_ylabel(metric[0], color="tab:green")
+        twin.plot([p[0] for p in curve], [p[1] for p in curve], "o-", color="tab:green")
+        twin.set_ylabel(metric[0].split("/", 1)[1], color="tab:green")
     ax[2].set_xlabel("step")
     ax[2].set_title("training loss")
     _cost(ax[3], scalars)
@@ -280,4 +287,45 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         a.set_ylabel(ylab)
         if a.get_legend_handles_labels()[0] and len(runs) <= 12:
             a.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_prt(result: Any, out: str | os.PathLike[str]) -> Path:
+    """Draw a precision range test (:class:`adaprec.prt.PRTResult`): the watched metric per iteration
+    over the forward bits, and each level's progress against the threshold. Returns the PNG's path.
+
+    Example:
+        >>> import tempfile, os
+        >>> from adaprec.prt import RangeTest
+        >>> rt = RangeTest(start_bits=2, max_bits=3, steps_per_bits=2, window=1, threshold=0.1)
+        >>> for acc in [0.1, 0.1, 0.1, 0.5]:
+        ...     _ = rt.record(acc)
+        >>> out = plot_prt(rt.result("acc"), os.path.join(tempfile.mkdtemp(), "prt.png"))
+        >>> os.path.getsize(out) > 0
+        True
+    """
+    if not hasattr(result, "levels") or not hasattr(result, "values"):
+        raise TypeError(f"plot_prt needs an adaprec.prt.PRTResult, got {type(result).__name__}")
+    fig, ax = _figure(1, 2, (11, 4))
+    fig.suptitle(f"precision range test: B_min = {result.b_min}, B_max = {result.b_max}"
+                 + ("" if result.found else " (no level passed)"))
+    it = np.arange(len(result.values))
+    vals = np.array([v for _, v in result.values], dtype=float)
+    bits = np.array([b for b, _ in result.values], dtype=float)
+    ax[0].plot(it, vals, ".-", label=result.metric)
+    ax[0].set_xlabel("test iteration")
+    ax[0].set_ylabel(result.metric)
+    twin = ax[0].twinx()
+    twin.step(it, bits, where="post", color="tab:gray", alpha=0.6)
+    twin.set_ylabel("forward bits", color="tab:gray")
+    ax[0].set_title(f"{result.metric} during the test")
+    lv_bits = [lv.bits for lv in result.levels]
+    colours = ["tab:green" if lv.passed else "tab:red" for lv in result.levels]
+    ax[1].bar(lv_bits, [lv.progress for lv in result.levels], color=colours)
+    ax[1].axhline(result.threshold, color="black", linestyle="--", label=f"threshold {result.threshold:g}")
+    ax[1].axvline(result.b_min, color="tab:blue", linestyle=":", label=f"B_min = {result.b_min}")
+    ax[1].set_xlabel("forward bits")
+    ax[1].set_ylabel("progress within the level")
+    ax[1].set_title("progress per level (green: passed)")
+    ax[1].legend(fontsize=8)
     return _save(fig, out)

@@ -172,11 +172,13 @@ class RangeTest:
         if 2 * self.window > self.steps_per_bits:
             raise ValueError(f"window ({window}) must be at most steps_per_bits / 2 ({steps_per_bits / 2:g}) "
                              "so a level's first and last windows do not overlap")
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        if (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                or not math.isfinite(threshold)):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         self.threshold = float(threshold)
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES} ('max' for accuracy, 'min' for a loss), got {mode!r}")
+            raise ValueError(f"mode must be one of {_MODES} ('max' for accuracy, 'min' for a loss), "
+                             f"got {mode!r}")
         self.mode = mode
         self.full_curve = bool(full_curve)
         self.values: list[float] = []
@@ -374,7 +376,8 @@ def find_bounds(
                 for batch in _batches_forever(batches, test.max_steps):
                     loss, metric = _split_output(fn(model, batch))
                     if not isinstance(loss, Tensor) or loss.dim() != 0:
-                        raise ValueError("fn(model, batch) must return a scalar loss tensor (or (loss, metric))")
+                        raise ValueError("fn(model, batch) must return a scalar loss tensor "
+                                         "(or (loss, metric))")
                     if metric is None:
                         metric, metric_name = float(loss.detach()), "loss"
                         if mode is None:

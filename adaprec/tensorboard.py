@@ -20,11 +20,13 @@ Tag names (stable; the CLI's ``adaprec report`` and the tests rely on them):
 ``cost/gbitops``                    cumulative training GBitOPs, and ``cost/savings_vs_fp32``,
 ``cost/savings_vs_reference``       savings against FP32 and the static reference (default 8/8 bits);
                                     every ``log_every`` steps and at each epoch end (reading them syncs)
-``report/<key>``                    other numeric entries of ``ctl.report()`` (FP32 and reference GBitOPs,
-                                    GMACs, precision changes, modelled time...) at epoch ends and the end
+``report/<key>[/<sub>]``            other numeric entries of ``ctl.report()``, dicts one level deep (FP32
+                                    and reference GBitOPs, per-layer GBitOPs, time at each precision,
+                                    modelled time per hardware...), at epoch ends and at the end
 ``epoch``                           the epoch index, at each epoch's last step
 ``hparam/<metric>``                 final metrics, shown with the run's hyperparameters in the HPARAMS tab
 ``weights/<layer>/<param>``         histograms (only with ``histograms_every=N``), and ``grads/...``
+``prt/...``                         a precision range test's curve, see :func:`log_prt`
 ==================================  ==========================================================================
 
 A custom-scalars layout (CUSTOM SCALARS tab) puts all layers' weight, activation and gradient bits in one
@@ -67,7 +69,7 @@ from .events import Event
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import Controller
 
-__all__ = ["Logger", "trial_logdir", "read_scalars", "bits_tag", "ROLES"]
+__all__ = ["Logger", "trial_logdir", "read_scalars", "log_prt", "bits_tag", "ROLES"]
 
 #: The three roles of a layer's precision, in tag order.
 ROLES = ("weight", "activation", "gradient")
@@ -99,6 +101,50 @@ def trial_logdir(study_dir: str | os.PathLike[str], trial: Any) -> Path:
     if isinstance(number, bool) or not isinstance(number, int) or number < 0:
         raise ValueError(f"trial must be a non-negative trial number or an optuna Trial, got {trial!r}")
     return Path(study_dir) / f"trial_{number:04d}"
+
+
+def log_prt(logdir_or_writer: Any, result: Any) -> None:
+    """Write a precision range test's curve (:class:`adaprec.prt.PRTResult`) to TensorBoard.
+
+    Tags: ``prt/metric`` and ``prt/bits`` per test iteration (step = iteration); ``prt/progress`` and
+    ``prt/passed`` per level with the level's forward bits as the step; ``prt/threshold``, ``prt/b_min`` and
+    ``prt/b_max`` once (step 0). A CPT run with ``bits="auto"`` can log its own test the same way
+    (``log_prt(writer, ctl.policy.prt_result())``).
+
+    Example:
+        >>> import tempfile
+        >>> from adaprec.prt import RangeTest
+        >>> rt = RangeTest(start_bits=2, max_bits=3, steps_per_bits=2, window=1, threshold=0.1)
+        >>> for acc in [0.1, 0.1, 0.1, 0.5]:
+        ...     _ = rt.record(acc)
+        >>> d = tempfile.mkdtemp(); log_prt(d, rt.result("acc"))
+        >>> read_scalars(d)["prt/progress"], read_scalars(d)["prt/b_min"]
+        ([(2, 0.0), (3, 0.4000000059604645)], [(0, 3.0)])
+    """
+    for attr in ("levels", "values", "b_min", "b_max", "threshold"):
+        if not hasattr(result, attr):
+            raise TypeError(f"log_prt needs an adaprec.prt.PRTResult, got {type(result).__name__}")
+    own = isinstance(logdir_or_writer, str | os.PathLike)
+    if own:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(logdir_or_writer))
+    else:
+        writer = logdir_or_writer
+    try:
+        for i, (bits, value) in enumerate(result.values):
+            writer.add_scalar("prt/metric", float(value), i)
+            writer.add_scalar("prt/bits", float(bits), i)
+        for level in result.levels:
+            writer.add_scalar("prt/progress", float(level.progress), level.bits)
+            writer.add_scalar("prt/passed", float(level.passed), level.bits)
+        writer.add_scalar("prt/threshold", float(result.threshold), 0)
+        writer.add_scalar("prt/b_min", float(result.b_min), 0)
+        writer.add_scalar("prt/b_max", float(result.b_max), 0)
+        writer.flush()
+    finally:
+        if own:
+            writer.close()
 
 
 def read_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
@@ -175,7 +221,8 @@ class Logger:
 
     Args:
         logdir_or_writer: a run directory (created if missing) or an existing ``SummaryWriter``; a writer
-            you pass is flushed but not closed at the end, a directory's writer is closed.
+            you pass is flushed but not closed at the end, a directory's writer is closed. Under
+            ``torch.distributed`` only rank 0 writes; on the other ranks the logger does nothing.
         log_every: write loss statistics, policy signals, learning rate and cost every this many steps
             (and at each epoch end). Reading the cost meter syncs with the device, so keep it > 1 on GPU.
         histograms_every: write histograms of the quantized layers' weights and gradients every this many
@@ -207,7 +254,13 @@ class Logger:
             raise ValueError(f"histograms_every must be a positive integer or None, got {histograms_every!r}")
         if hparams is not None and not isinstance(hparams, Mapping):
             raise TypeError(f"hparams must be a dict of name -> value, got {type(hparams).__name__}")
-        if isinstance(logdir_or_writer, str | os.PathLike):
+        # Under torch.distributed every rank takes the same decisions; only rank 0 writes, so that the
+        # ranks do not write duplicate event files into the same run directory.
+        self.enabled = _rank() == 0
+        if not self.enabled:
+            self.writer = None
+            self._own_writer = False
+        elif isinstance(logdir_or_writer, str | os.PathLike):
             from torch.utils.tensorboard import SummaryWriter
 
             path = Path(logdir_or_writer)
@@ -235,8 +288,10 @@ class Logger:
         self._closed = False
 
     @property
-    def logdir(self) -> str:
-        """The directory the events go to."""
+    def logdir(self) -> str | None:
+        """The directory the events go to (``None`` on ranks other than 0)."""
+        if self.writer is None:
+            return None
         return self.writer.get_logdir() if hasattr(self.writer, "get_logdir") else str(self.writer.log_dir)
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -247,6 +302,8 @@ class Logger:
         if self._closed:
             raise RuntimeError("this Logger was closed; create a new one")
         self.ctl = ctl
+        if not self.enabled:
+            return self
         on = ctl.on
         self._handles = [
             on(Event.PRECISION_CHANGED, self._on_precision_changed),
@@ -270,7 +327,7 @@ class Logger:
 
     def close(self) -> None:
         """Flush, and close the writer if the logger created it."""
-        if self._closed:
+        if self._closed or self.writer is None:
             return
         self.writer.flush()
         if self._own_writer:
@@ -373,9 +430,14 @@ class Logger:
         if step != self._last_report_step:
             self._last_report_step = step
             for key, value in report.items():
-                if (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                        and key not in _REPORT_SKIP):
-                    self.writer.add_scalar(f"report/{key}", float(value), step)
+                if key in _REPORT_SKIP:
+                    continue
+                # One level of dicts: modelled time per hardware, GBitOPs per layer, time at precision.
+                items = value.items() if isinstance(value, Mapping) else [(None, value)]
+                for sub, v in items:
+                    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                        tag = f"report/{key}" if sub is None else f"report/{key}/{sub}"
+                        self.writer.add_scalar(tag, float(v), step)
         return report
 
     def _write_histograms(self, ctl: Controller, step: int) -> None:
@@ -404,19 +466,22 @@ class Logger:
         if self._closed:
             return
         step = max(ctl.step_count - 1, 0)
-        if ctl.step_count > 0:
-            if self._last_flush_step != step:
-                self._write_periodic(ctl, step)
-            # Extend every layer's bit series to the last step so charts show the whole run.
-            last = {n: p for n, p in ctl.current.items() if self._bits_step.get(n, -1) < step}
-            if last:
-                self._write_bits(last, step)
-        report = self._write_report(ctl, step)
-        self._write_hparams(ctl, report, step, failed)
-        if hasattr(self.writer, "add_text"):
-            self.writer.add_text("report", _report_markdown(report, failed), step)
-        self.detach()
-        self.close()
+        try:
+            if ctl.step_count > 0:
+                if self._last_flush_step != step:
+                    self._write_periodic(ctl, step)
+                # Extend every layer's bit series to the last step so charts show the whole run.
+                last = {n: p for n, p in ctl.current.items() if self._bits_step.get(n, -1) < step}
+                if last:
+                    self._write_bits(last, step)
+            report = self._write_report(ctl, step)
+            if hasattr(self.writer, "add_text"):
+                self.writer.add_text("report", _report_markdown(report, failed), step)
+            self._write_hparams(ctl, report, step, failed)
+        finally:
+            # Whatever failed above, what was written so far reaches the disk.
+            self.detach()
+            self.close()
 
     def _write_hparams(self, ctl: Controller, report: Mapping[str, Any], step: int,
                        failed: BaseException | None) -> None:
@@ -449,6 +514,11 @@ class Logger:
 
 # Report entries that other tags already carry (cost/...) or that are plain counters.
 _REPORT_SKIP = frozenset({"steps", "epochs", "layers", "gbitops", "savings_vs_fp32", "savings_vs_reference"})
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _run_hparams(ctl: Controller) -> dict[str, Any]:
@@ -484,9 +554,9 @@ def _hparam_value(v: Any) -> Any:
 
 def _session_end_failed() -> Any:
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams.api_pb2 import SessionEndInfo, Status
+    from tensorboard.plugins.hparams.api_pb2 import Status
     from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 
     content = HParamsPluginData(session_end_info=SessionEndInfo(status=Status.Value("STATUS_FAILURE")),
                                 version=PLUGIN_DATA_VERSION)

@@ -87,7 +87,8 @@ def gradient_diversity(grads: Sequence[Tensor]) -> float:
         if not isinstance(g, Tensor):
             raise TypeError(f"gradient_diversity takes tensors, got {type(g).__name__}")
         if g.shape != shape:
-            raise ValueError(f"all gradients must have the same shape; got {tuple(shape)} and {tuple(g.shape)}")
+            raise ValueError(f"all gradients must have the same shape; got {tuple(shape)} and "
+                             f"{tuple(g.shape)}")
     flat = [g.detach().reshape(-1).to(torch.float64) for g in grads]
     num = sum(float(f.dot(f)) for f in flat)
     total = torch.stack(flat).sum(0)

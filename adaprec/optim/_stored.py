@@ -9,6 +9,14 @@ parameter the state holds ``"comp"`` (the Kahan residual, update ``"kahan"`` onl
 storage its parameters are currently split into; when a group's settings change (by :meth:`set_format`
 or by editing the group), the next step re-splits its parameters first
 (:func:`~adaprec.optim.storage.resplit`).
+
+Single parameters may override their group's weight and compensation formats
+(:meth:`~StoredParamsMixin.set_param_format`): that is how :mod:`adaprec.storage_mode` gives every
+layer its own format without regrouping the optimizer (which would detach LR schedulers, whose
+per-group base rates are fixed when they are built). The overrides and the layouts their parameters
+are split into are saved under ``"adaprec_param_formats"`` in ``state_dict()``, keyed by the
+parameter's index as torch numbers them — not in the per-parameter state, whose non-tensor values torch
+rebuilds element by element on load (a string would not survive).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from .storage import UPDATE_MODES, Storage, format_name
 STORAGE_KEYS = ("weight_format", "comp_format", "update", "headroom_bits", "zero_range", "overflow")
 _OPTION_KEYS = ("headroom_bits", "zero_range", "overflow")  # Storage fields besides the two formats
 _RNG_KEY = "adaprec_sr_rng"
+_PARAM_FORMATS_KEY = "adaprec_param_formats"
 
 
 def check_update(update: object) -> str:
@@ -64,7 +73,10 @@ class StoredParamsMixin:
     state: dict[Tensor, dict[str, Any]]
     defaults: dict[str, Any]
 
-    def _init_rng(self, seed: int | None) -> None:
+    def _init_stored(self, seed: int | None) -> None:
+        """Set up before ``Optimizer.__init__`` runs (it calls ``add_param_group``)."""
+        # id(group) -> (the group's raw storage settings, their Storage): skips re-validating every step.
+        self._storage_cache: dict[int, tuple[tuple[Any, ...], Storage]] = {}
         if seed is None:
             # torch.manual_seed decides it, without drawing from (and so shifting) the global RNG stream.
             seed = torch.initial_seed()
@@ -72,6 +84,11 @@ class StoredParamsMixin:
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self._sr_seed = seed
         self._sr_generators: dict[str, torch.Generator] = {}
+        # Per-parameter overrides of the group's (weight_format, comp_format), canonical names, and the
+        # layout each overridden parameter is currently split into (keys are the parameter tensors).
+        self._param_formats: dict[Tensor, tuple[str, str | None]] = {}
+        self._param_layouts: dict[Tensor, str] = {}
+        self._param_storage_cache: dict[tuple[Any, ...], Storage] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -88,9 +105,15 @@ class StoredParamsMixin:
         # loaded groups saved by a plain torch optimizer (missing keys take the optimizer's defaults).
         for k in STORAGE_KEYS:
             group.setdefault(k, self.defaults[k])
+        raw = tuple(group[k] for k in STORAGE_KEYS)
+        hit = self._storage_cache.get(id(group))
+        if hit is not None and hit[0] == raw:
+            return hit[1]
         group.update(storage_defaults(group["weight_format"], group["comp_format"], group["update"],
                                       **{k: group[k] for k in _OPTION_KEYS}))
-        return group_storage(group)
+        storage = group_storage(group)
+        self._storage_cache[id(group)] = (tuple(group[k] for k in STORAGE_KEYS), storage)
+        return storage
 
     @staticmethod
     def _check_params(params: Iterable[Tensor]) -> None:
@@ -101,31 +124,98 @@ class StoredParamsMixin:
                     f"{p.dtype}. Keep the model in float32 (or float64) and choose the stored format with "
                     f"weight_format= (e.g. 'bf16', 'fx8')")
 
+    def _param_storage(self, p: Tensor, group: dict[str, Any], storage: Storage) -> Storage:
+        """The storage of ``p``: its own override if it has one, else its group's ``storage``."""
+        ov = self._param_formats.get(p)
+        if ov is None:
+            return storage
+        key = (storage.key(), ov)
+        hit = self._param_storage_cache.get(key)
+        if hit is None:
+            hit = Storage(ov[0], ov[1], **{k: group[k] for k in _OPTION_KEYS})
+            self._param_storage_cache[key] = hit
+        return hit
+
+    @torch.no_grad()
+    def _split_param(self, p: Tensor, storage: Storage, kahan: bool) -> None:
+        """Recombine ``p + comp`` and re-split it into ``storage`` (METHODS.md §3.1)."""
+        st = self.state[p]
+        comp = st.get("comp")
+        w_hp = p.detach() + comp if comp is not None else p.detach().clone()
+        w, c, fl = storage.split(w_hp)
+        p.copy_(w)
+        if kahan:
+            st["comp"] = c
+        else:
+            st.pop("comp", None)  # the residual went into w_hp above
+        if fl is None:
+            st.pop("w_fl", None)
+        else:
+            st["w_fl"] = fl.to(p.device)
+
     @torch.no_grad()
     def _split_group(self, group: dict[str, Any]) -> Storage:
-        """Make the group's parameters match its storage settings (no-op when they already do)."""
+        """Make the group's parameters match its storage settings (no-op when they already do).
+
+        Returns the group's storage; parameters with an override are split into their own."""
         storage = self._storage(group)
         layout = f"{storage.key()}/{group['update']}"
-        if group.get("_split") == layout:
-            return storage
-        self._check_params(group["params"])
+        fresh = group.get("_split") == layout
+        if fresh and not self._param_layouts and not self._param_formats:
+            return storage  # the common case: one check per group and step
         kahan = group["update"] == "kahan"
         for p in group["params"]:
-            st = self.state[p]
-            comp = st.get("comp")
-            w_hp = p.detach() + comp if comp is not None else p.detach().clone()
-            w, c, fl = storage.split(w_hp)
-            p.copy_(w)
-            if kahan:
-                st["comp"] = c
+            s = self._param_storage(p, group, storage)
+            if s is storage:
+                if fresh and p not in self._param_layouts:
+                    continue
+                self._param_layouts.pop(p, None)  # an override was removed: back to the group's format
             else:
-                st.pop("comp", None)  # the residual went into w_hp above
-            if fl is None:
-                st.pop("w_fl", None)
-            else:
-                st["w_fl"] = fl.to(p.device)
+                own = f"{s.key()}/{group['update']}"
+                if self._param_layouts.get(p) == own:
+                    continue
+                self._param_layouts[p] = own
+            self._check_params([p])
+            self._split_param(p, s, kahan)
         group["_split"] = layout
         return storage
+
+    def set_param_format(self, params: Iterable[Tensor], weight_format: object,
+                         comp_format: object = None) -> None:
+        """Store single parameters in their own format (``None`` reverts them to their group's), and
+        re-split them now: ``w + c`` is recombined and split into the new weight and compensation grids.
+
+        The group's other settings (update mode, headroom, overflow) still apply. ``comp_format`` needs
+        ``update="kahan"`` in the parameter's group; ``None`` means the same width as the weight.
+        """
+        params = list(params)
+        where: dict[Tensor, dict[str, Any]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                where[p] = group
+        missing = [i for i, p in enumerate(params) if p not in where]
+        if missing:
+            raise ValueError(f"set_param_format: tensors at positions {missing} are not parameters of this "
+                             "optimizer (pass tensors from its param_groups)")
+        if weight_format is None:
+            if comp_format is not None:
+                raise ValueError("set_param_format: comp_format needs a weight_format (weight_format=None "
+                                 "reverts the parameters to their group's formats)")
+            for p in params:
+                self._param_formats.pop(p, None)
+        else:
+            for p in params:
+                group = where[p]
+                self._storage(group)  # normalise the group first
+                canon = storage_defaults(weight_format, comp_format, group["update"],
+                                         **{k: group[k] for k in _OPTION_KEYS})
+                self._param_formats[p] = (canon["weight_format"], canon["comp_format"])
+        for group in {id(where[p]): where[p] for p in params}.values():
+            self._split_group(group)
+
+    def param_format(self, param: Tensor) -> tuple[str, str | None] | None:
+        """The ``(weight_format, comp_format)`` override of ``param``, or ``None`` (its group's)."""
+        return self._param_formats.get(param)
 
     def set_format(self, weight_format: object, comp_format: object = None, *, update: str | None = None,
                    groups: Iterable[int] | None = None) -> None:
@@ -143,10 +233,10 @@ class StoredParamsMixin:
             self._split_group(group)
 
     def storage_for(self, param: Tensor) -> Storage:
-        """The storage a parameter is kept in (its group's settings)."""
+        """The storage a parameter is kept in (its override, else its group's settings)."""
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
-                return self._storage(group)
+                return self._param_storage(param, group, self._storage(group))
         raise KeyError("this tensor is not a parameter of the optimizer")
 
     # ------------------------------------------------------------------ the write-back
@@ -154,6 +244,7 @@ class StoredParamsMixin:
                     alpha: float = 1.0) -> None:
         st = self.state[p]
         update = group["update"]
+        storage = self._param_storage(p, group, storage)
         gen = self._generator(p.device) if update == "stochastic" else None
         storage.add_(p, delta, comp=st.get("comp"), fl=st.get("w_fl"), update=update, generator=gen,
                      alpha=alpha)
@@ -171,13 +262,31 @@ class StoredParamsMixin:
         """The usual optimizer state dict plus the state of the stochastic-rounding generator."""
         sd = super().state_dict()  # type: ignore[misc]
         sd[_RNG_KEY] = self._rng_state()
+        sd[_PARAM_FORMATS_KEY] = {
+            i: [*self._param_formats[p], self._param_layouts.get(p)]
+            for i, p in enumerate(self._flat_params()) if p in self._param_formats}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         rng = state_dict.pop(_RNG_KEY, None)
+        formats = state_dict.pop(_PARAM_FORMATS_KEY, {})
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self._load_rng_state(rng)
+        flat = self._flat_params()
+        self._param_formats, self._param_layouts = {}, {}
+        for i, (wf, cf, layout) in formats.items():
+            if not 0 <= int(i) < len(flat):
+                raise ValueError(f"the state dict overrides the format of parameter {i}, but this optimizer "
+                                 f"has {len(flat)} parameters")
+            p = flat[int(i)]
+            self._param_formats[p] = (wf, cf)
+            if layout is not None:  # the loaded comp/w_fl are already split this way
+                self._param_layouts[p] = layout
+
+    def _flat_params(self) -> list[Tensor]:
+        """Parameters in the order torch's ``state_dict()`` numbers them."""
+        return [p for g in self.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ RNG
     def _rng_state(self) -> dict[str, Any]:

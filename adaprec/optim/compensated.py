@@ -69,7 +69,7 @@ class Compensated(StoredParamsMixin, Optimizer):
         defaults = storage_defaults(weight_format, comp_format, update, headroom_bits=headroom_bits,
                                     zero_range=zero_range, overflow=overflow)
         self.inner = optimizer
-        self._init_rng(seed)
+        self._init_stored(seed)
         self._adopting = True
         # Optimizer.__init__ fills our storage keys into the inner optimizer's group dicts and adopts
         # those very dicts; afterwards both objects share one list of groups.

@@ -85,7 +85,7 @@ class KahanSGD(StoredParamsMixin, Optimizer):
         self._check_hyper(defaults)
         defaults.update(storage_defaults(weight_format, comp_format, update, headroom_bits=headroom_bits,
                                          zero_range=zero_range, overflow=overflow))
-        self._init_rng(seed)
+        self._init_stored(seed)
         super().__init__(params, defaults)
 
     @staticmethod

@@ -145,15 +145,20 @@ def optimizer_memory(optimizer: Optimizer, *, state_format: object = "fp32") -> 
     for group in optimizer.param_groups:
         k = state_buffers(optimizer, group)
         if isinstance(optimizer, StoredParamsMixin):
-            cost = bytes_per_param(group["weight_format"], group["comp_format"], update=group["update"],
-                                   state_buffers=k, state_format=state_format)
+            group_cost = bytes_per_param(group["weight_format"], group["comp_format"], update=group["update"],
+                                         state_buffers=k, state_format=state_format)
         else:
-            cost = bytes_per_param("fp32", update="nearest", state_buffers=k, state_format=state_format)
+            group_cost = bytes_per_param("fp32", update="nearest", state_buffers=k, state_format=state_format)
         base = bytes_per_param("fp32", update="nearest", state_buffers=k, state_format="fp32")
-        m = sum(p.numel() for p in group["params"])
-        n += m
-        weight += m * cost.weight
-        comp += m * cost.compensation
-        state += m * cost.optimizer_state
-        fp32 += m * base.total
+        for p in group["params"]:
+            # A parameter may be stored in its own format (set_param_format, e.g. by storage mode).
+            own = optimizer.param_format(p) if isinstance(optimizer, StoredParamsMixin) else None
+            cost = group_cost if own is None else bytes_per_param(
+                own[0], own[1], update=group["update"], state_buffers=k, state_format=state_format)
+            m = p.numel()
+            n += m
+            weight += m * cost.weight
+            comp += m * cost.compensation
+            state += m * cost.optimizer_state
+            fp32 += m * base.total
     return MemoryReport(params=n, weight=weight, compensation=comp, optimizer_state=state, fp32_total=fp32)

@@ -29,7 +29,8 @@ from torch import nn
 from .base import Batch, Task
 from .registry import get_task
 
-__all__ = ["RunResult", "train", "make_optimizer", "make_lr_schedule", "OPTIMIZERS", "LR_SCHEDULES"]
+__all__ = ["RunResult", "train", "make_optimizer", "make_lr_schedule", "seed_everything", "OPTIMIZERS",
+           "LR_SCHEDULES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")

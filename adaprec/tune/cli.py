@@ -55,6 +55,9 @@ def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the task's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's)")
     p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is often fastest for small models and "
+                        "when several workers share a machine)")
     p.add_argument("--train-seed", type=int, default=0,
                    help="model init and batch order, the same for every trial (default 0)")
     p.add_argument("--seed", type=int, default=0,
@@ -92,6 +95,12 @@ def run_tune(args: argparse.Namespace) -> int:
         task = get_task(args.task)
         metrics = _split(args.objectives) or [task.primary_metric, "gbitops"]
         name = args.study or f"{args.policy}-{task.name}"
+        if args.threads is not None:
+            if args.threads <= 0:
+                raise ValueError(f"--threads must be a positive int, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         out = Path(args.out)
         if not out.is_dir():
             raise ValueError(f"--out folder {str(out)!r} does not exist")

@@ -54,7 +54,15 @@ HEARTBEAT_KEY = "adaprec:heartbeat"
 
 
 class StorageError(RuntimeError):
-    """The study storage cannot be opened or reached (the message says which and why)."""
+    """The study storage cannot be opened or reached (the message says which and why).
+
+    Example:
+        >>> try:
+        ...     open_storage("nosuchdb://host/studies")
+        ... except StorageError as exc:
+        ...     print(str(exc).split(":")[0])
+        cannot open storage 'nosuchdb
+    """
 
 
 def redact(url: str) -> str:
@@ -104,7 +112,8 @@ def open_storage(spec: str | Path | BaseStorage | None = None, *, heartbeat_inte
                                   or max_retry < 0):
         raise ValueError(f"max_retry must be a non-negative int or None, got {max_retry!r}")
     url = storage_url(spec)
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
+    with _quiet_experimental():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval else None
     if "://" not in url:
         return _open_journal(url, heartbeat_interval, grace_period, retry)
     return _open_rdb(url, heartbeat_interval, grace_period, retry)
@@ -127,6 +136,7 @@ def _open_rdb(url: str, interval: int | None, grace: int | None,
               retry: Callable[..., None] | None) -> BaseStorage:
     import sqlalchemy.exc
 
+    url = _postgres_driver(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith(("postgresql", "postgres")):
         # Fail in seconds, not after the OS's TCP timeout, when the server is down or unroutable.
@@ -139,8 +149,10 @@ def _open_rdb(url: str, interval: int | None, grace: int | None,
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
                               grace_period=grace, heartbeat_stale_trial_callback=retry)
     except ImportError as exc:
-        raise StorageError(f"cannot open storage {redact(url)!r}: the database driver is not installed "
-                           f"({exc}); e.g. pip install psycopg2-binary for PostgreSQL") from None
+        missing = getattr(exc.__cause__, "name", None) or str(exc)
+        raise StorageError(f"cannot open storage {redact(url)!r}: its database driver is not installed "
+                           f"(missing module {missing!r}); e.g. pip install psycopg2-binary for "
+                           "PostgreSQL") from None
     except sqlalchemy.exc.NoSuchModuleError:
         raise StorageError(f"cannot open storage {redact(url)!r}: unknown database kind "
                            f"{url.split('://', 1)[0]!r}; use sqlite:///, postgresql://, mysql+pymysql:// "
@@ -148,6 +160,22 @@ def _open_rdb(url: str, interval: int | None, grace: int | None,
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StorageError(f"cannot reach storage {redact(url)!r}: {reason}") from None
+
+
+def _postgres_driver(url: str) -> str:
+    """Pick an installed PostgreSQL driver for a URL that names none.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, while adaprec's test extra installs
+    psycopg2; ``postgres://`` (as printed by many hosting services) is not a SQLAlchemy name at all.
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2" + sep + rest
+    return "postgresql" + sep + rest
 
 
 class _quiet_experimental:
@@ -181,7 +209,8 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """
 
     def __init__(self, backend: Any, *, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None, stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
+                 grace_period: int | None = None,
+                 stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
         super().__init__(backend)
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period or (2 * heartbeat_interval if heartbeat_interval else None)

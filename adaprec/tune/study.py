@@ -110,7 +110,9 @@ class Objective:
     (``user_attrs["policy_config"]``), every numeric metric the train function returned
     (``user_attrs["metrics"]``) and which process ran it (``user_attrs["worker"]``). A non-finite
     objective metric fails that trial and the study goes on; a train function that returns no dict or
-    misses a metric raises, since every further trial would fail the same way.
+    misses a metric raises, since every further trial would fail the same way. When the sampler proposes
+    the parameters of a trial that already completed, the trial is not trained again: it is recorded as
+    failed with ``user_attrs["duplicate_of"]``, so it does not use up the study's budget.
 
     Example:
         >>> obj = Objective(lambda policy, report: {"val_loss": 1.0}, policy="fixed", metrics=("val_loss",))
@@ -140,11 +142,26 @@ class Objective:
 
     def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, ...]:
         kwargs = suggest(self.policy_cls, trial)
+        nan = math.nan if len(self.metrics) == 1 else tuple(math.nan for _ in self.metrics)
+        twin = _completed_twin(trial)
+        if twin is not None:
+            # The sampler proposed a point already evaluated: don't spend a training run on it. A failed
+            # trial does not count towards the budget, so the study still gets N distinct points.
+            trial.set_user_attr("duplicate_of", twin)
+            trial.set_user_attr("fail_reason", f"same parameters as completed trial {twin}; "
+                                               "not trained again")
+            return nan
         policy = self.build_policy(kwargs)
         trial.set_user_attr("policy_config", _jsonable(policy.config()))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         report = EpochReporter(trial, self.metrics[0], prune=len(self.metrics) == 1)
-        result = self.train_fn(policy, report)
+        try:
+            result = self.train_fn(policy, report)
+        except ValueError as exc:
+            # Typically a sampled configuration the run cannot take (e.g. more CPT cycles than
+            # iterations); optimize() fails this trial and goes on. The reason stays with the trial.
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            raise
         if not isinstance(result, Mapping):
             raise TypeError(f"train_fn must return a dict of metrics (needs {list(self.metrics)}), "
                             f"got {type(result).__name__}")
@@ -160,8 +177,20 @@ class Objective:
         except ValueError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             # Returning NaN makes Optuna record this trial as failed while the study continues.
-            values = tuple(math.nan for _ in self.metrics)
+            return nan
         return values[0] if len(values) == 1 else values
+
+
+def _completed_twin(trial: optuna.trial.BaseTrial) -> int | None:
+    """The number of a completed trial of the same study with the same parameters, if any."""
+    study = getattr(trial, "study", None)
+    if study is None:  # FixedTrial and friends: no study to compare with
+        return None
+    number = getattr(trial, "number", None)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params and t.number != number:
+            return t.number
+    return None
 
 
 def objective(train_fn: Callable[[Policy, EpochReporter], Mapping[str, Any]], policy: Any = "cpt",
@@ -187,7 +216,8 @@ def create_study(name: str, storage: Any = None, *, policy: Any = "cpt",
                  metrics: Sequence[str] = ("accuracy", "gbitops"), directions: Sequence[str] | None = None,
                  seed: int | None = 0, enqueue_defaults: bool = True,
                  pruner: optuna.pruners.BasePruner | None = None, load_if_exists: bool = True,
-                 heartbeat_interval: int | None = 10, grace_period: int | None = None, max_retry: int | None = 3) -> optuna.Study:
+                 heartbeat_interval: int | None = 10, grace_period: int | None = None,
+                 max_retry: int | None = 3) -> optuna.Study:
     """Create a study for tuning ``policy``, or load the one of that name to continue it.
 
     Defaults: storage ``sqlite:///adaprec-studies.db`` (see :func:`adaprec.tune.storage.open_storage` for
@@ -287,14 +317,16 @@ class _Progress:
 
 
 def optimize(study: optuna.Study, objective: Objective, n_trials: int, *, timeout: float | None = None,
-             progress: bool = True, catch: tuple[type[Exception], ...] = ()) -> optuna.Study:
+             progress: bool = True, catch: tuple[type[Exception], ...] = (ValueError,)) -> optuna.Study:
     """Run ``objective`` until the study holds ``n_trials`` finished (completed or pruned) trials.
 
     Counting the study's trials rather than this call's makes re-running continue an interrupted study
     and lets several processes share one budget (they may overshoot it by one trial each). Failed
     trials do not count; this process stops after twice the remaining budget anyway, so a train
-    function that keeps failing cannot loop forever. ``progress`` shows a tqdm bar when tqdm is
-    installed.
+    function that keeps failing cannot loop forever. Exceptions of the types in ``catch`` (default
+    ``ValueError``: a sampled configuration the run rejects, such as more CPT cycles than iterations)
+    fail their trial, with the reason in ``user_attrs["fail_reason"]``, and the study goes on; any other
+    exception fails the trial and propagates. ``progress`` shows a tqdm bar when tqdm is installed.
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0:
         raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")

@@ -1,0 +1,321 @@
+"""Weight storage mode: keep each layer's weights *stored* in the policy's weight format (no FP32 master).
+
+Under the simulated backend a policy's weight format is normally a fake quantization: the optimizer
+updates FP32 master weights and every forward rounds a copy. In storage mode the weights themselves
+live in the decided format (METHODS.md §3.1): the optimizer — :class:`~adaprec.optim.KahanSGD` or
+:class:`~adaprec.optim.Compensated` — writes every update back into that format (with Kahan
+compensation, plain or stochastic rounding, as it was built), and whenever the controller changes a
+layer's weight format (``Event.PRECISION_CHANGED``) the layer's stored weights are recombined and
+re-split, ``w_hp = w + c; w = Q_w(w_hp); c = w_hp - w``, layer by layer.
+
+Which tensors: the weight tensors the backend quantizes (``weight`` of Linear/Conv, every ``weight_*``
+of an RNN, the in- and out-projection weights of attention). Everything else the optimizer holds
+(biases, norms, embeddings, layers left out of quantization) stays in the optimizer's own
+``weight_format``. Weights the optimizer does not hold (frozen) are left alone.
+
+How a decision's weight format becomes a storage format (:func:`storage_spec`):
+
+* ``FixedPoint(b)`` -> ``b``-bit fixed point whose fractional length is chosen at each split and then
+  kept (the backend's fixed point re-picks its scale every call; a stored weight cannot). Widths above
+  25 bits cannot be held exactly in the float32 tensors of the simulation and are stored as FP32;
+* ``FloatFormat`` (bf16, fp16, fp8) -> the same float format; ``FP32`` -> FP32;
+* ``IntFormat(b)`` (CPT's min-max grid, re-fitted to the tensor at every call) has no fixed grid to
+  store on. ``int_formats="fixed"`` (default) stores ``max(b, 2)``-bit fixed point — the same width — and
+  the backend still rounds that to its min-max grid in each forward; ``int_formats="error"`` refuses.
+
+The compensation has the weight's width unless ``comp_format=`` says otherwise (Kahan optimizers only).
+
+Example:
+    >>> import torch, adaprec
+    >>> import torch.nn.functional as F
+    >>> from adaprec.optim import KahanSGD
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    >>> opt = KahanSGD(model.parameters(), lr=0.1, weight_format="fp32")
+    >>> policy = adaprec.policies.Fixed(bits="fx4", act_bits="fp32", grad_bits="fp32")
+    >>> with adaprec.Controller(model, policy=policy, optimizer=opt, weight_storage=True) as ctl:
+    ...     x, y = torch.randn(4, 8), torch.randint(0, 10, (4,))
+    ...     F.cross_entropy(model(x), y).backward(); opt.step()
+    >>> ctl.weight_storage.formats       # the classifier floor keeps layer "2" at 7 bits
+    {'0': 'fx4', '2': 'fx7'}
+    >>> r = ctl.report()                 # biases stay in the optimizer's own format (fp32 here)
+    >>> r["weight_storage"], r["memory_per_param"]["weight"]
+    ('fx4, fx7; others fp32', 0.981)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .events import Event
+from .formats import FP32, FixedPoint, FloatFormat, Format, IntFormat, Precision
+from .optim import optimizer_memory
+from .optim._stored import StoredParamsMixin, storage_defaults
+from .optim.storage import MASTER_SIGNIFICAND_BITS, significand_bits, storage_format
+
+__all__ = ["StorageMode", "storage_spec", "layer_weights", "memory_section", "make_storage_mode",
+           "INT_FORMAT_RULES"]
+
+log = logging.getLogger("adaprec")
+
+#: What storage mode does with a min-max integer weight format: same-width fixed point, or refuse.
+INT_FORMAT_RULES = ("fixed", "error")
+
+
+def storage_spec(fmt: Format, int_formats: str = "fixed") -> str:
+    """The storage format (canonical name) that holds weights decided to be in ``fmt``.
+
+    Example:
+        >>> from adaprec.formats import FixedPoint, FloatFormat, IntFormat, FP32
+        >>> [storage_spec(f) for f in (FixedPoint(12), FloatFormat("bf16"), IntFormat(4), FP32())]
+        ['fx12', 'bf16', 'fx4', 'fp32']
+    """
+    if int_formats not in INT_FORMAT_RULES:
+        raise ValueError(f"int_formats must be one of {INT_FORMAT_RULES}, got {int_formats!r}")
+    if isinstance(fmt, FixedPoint):
+        # A float32 tensor holds a fixed-point value exactly only up to 24 significand bits.
+        return "fp32" if fmt.bits > MASTER_SIGNIFICAND_BITS + 1 else f"fx{fmt.bits}"
+    if isinstance(fmt, IntFormat):
+        if int_formats == "error":
+            raise ValueError(
+                f"weight_storage: the policy's weight format {fmt.short()} is a min-max integer grid that "
+                "moves with the tensor at every call, so weights cannot be stored on it; use a fixed-point "
+                "or float policy, or StorageMode(int_formats='fixed') to store same-width fixed point")
+        return f"fx{max(fmt.bits, 2)}"
+    if isinstance(fmt, FloatFormat):
+        return fmt.name
+    if isinstance(fmt, FP32):
+        return "fp32"
+    raise ValueError(f"weight_storage: no storage format for weight format {fmt!r}")
+
+
+def layer_weights(module: nn.Module) -> list[Tensor]:
+    """The weight tensors of a quantizable layer that the backend quantizes (biases excluded).
+
+    Example:
+        >>> [tuple(w.shape) for w in layer_weights(nn.LSTM(3, 4))]
+        [(16, 3), (16, 4)]
+    """
+    if isinstance(module, nn.RNNBase):
+        ws = [getattr(module, n) for n in module._flat_weights_names if n.startswith("weight")]
+    elif isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight"] if module._qkv_same_embed_dim else \
+            ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        ws = [getattr(module, n) for n in names] + [module.out_proj.weight]
+    else:
+        ws = [getattr(module, "weight", None)]
+    return [w for w in ws if isinstance(w, Tensor)]
+
+
+class StorageMode:
+    """Apply the controller's per-layer weight format to the optimizer's *stored* weights.
+
+    Turn it on with ``adaprec.Controller(..., optimizer=opt, weight_storage=True)`` (or pass a
+    configured ``StorageMode``), where ``opt`` is an :class:`~adaprec.optim.KahanSGD` or an
+    :class:`~adaprec.optim.Compensated` wrapper. It can also be attached by hand before or inside the
+    ``with`` block (``StorageMode().attach(ctl)``); attached inside, it applies the formats in force
+    at once.
+
+    Args:
+        comp_format: compensation format of every stored layer; ``None`` = the weight's width. Needs
+            ``update="kahan"`` optimizer groups.
+        int_formats: ``"fixed"`` stores an ``IntFormat(b)`` decision as ``b``-bit fixed point;
+            ``"error"`` refuses such policies (module docstring).
+
+    :attr:`formats` maps each stored layer to its storage format; :attr:`resplits` counts the
+    layer re-splits done. Per-layer formats are per-parameter overrides in the optimizer
+    (:meth:`~adaprec.optim.KahanSGD.set_param_format`), saved with ``opt.state_dict()``.
+
+    Example:
+        >>> StorageMode(int_formats="error")
+        StorageMode(comp_format=None, int_formats='error')
+    """
+
+    def __init__(self, *, comp_format: object = None, int_formats: str = "fixed") -> None:
+        if int_formats not in INT_FORMAT_RULES:
+            raise ValueError(f"int_formats must be one of {INT_FORMAT_RULES}, got {int_formats!r}")
+        if comp_format is not None:
+            c = storage_format(comp_format, role="compensation")
+            if significand_bits(c) > MASTER_SIGNIFICAND_BITS:
+                raise ValueError(
+                    f"weight storage: compensation format {c.short()} is wider than the FP32 master it "
+                    f"replaces ({significand_bits(c)} significand bits, float32 holds "
+                    f"{MASTER_SIGNIFICAND_BITS}); use at most fx{MASTER_SIGNIFICAND_BITS + 1}, a float "
+                    "format, 'fp32', or None (the weight's width)")
+            comp_format = c.short()
+        self.comp_format = comp_format
+        self.int_formats = int_formats
+        self.formats: dict[str, str] = {}
+        self.resplits = 0
+        self.ctl: Any = None
+        self._weights: dict[str, list[Tensor]] = {}
+        self._handle: Any = None
+
+    def __repr__(self) -> str:
+        return f"StorageMode(comp_format={self.comp_format!r}, int_formats={self.int_formats!r})"
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, ctl: Any) -> StorageMode:
+        """Check the controller's optimizer and model, then follow its precision changes."""
+        if self.ctl is not None:
+            raise RuntimeError("this StorageMode is already attached to a controller; make a new one")
+        opt = ctl.optimizer
+        if opt is None:
+            raise ValueError("weight storage needs the optimizer: adaprec.Controller(model, ..., "
+                             "optimizer=opt, weight_storage=True) with opt an adaprec.optim.KahanSGD or "
+                             "adaprec.optim.Compensated(inner)")
+        if not isinstance(opt, StoredParamsMixin):
+            raise TypeError(
+                f"weight storage needs an optimizer that writes to low-precision storage — "
+                f"adaprec.optim.KahanSGD or adaprec.optim.Compensated(inner) — got "
+                f"{type(opt).__module__}.{type(opt).__name__}, which updates FP32 weights (a master copy); "
+                f"wrap it, e.g. Compensated({type(opt).__name__}(...)) for SGD/Adam/AdamW/RMSprop/Adagrad")
+        in_model = {id(p) for p in ctl.model.parameters()}
+        held = [p for g in opt.param_groups for p in g["params"]]
+        foreign = [i for i, p in enumerate(held) if id(p) not in in_model]
+        if foreign:
+            raise ValueError(f"weight storage: {len(foreign)} of the optimizer's {len(held)} parameters "
+                             f"(positions {foreign[:5]}{'…' if len(foreign) > 5 else ''}) are not parameters "
+                             "of the model; build the optimizer from model.parameters()")
+        if self.comp_format is not None:
+            modes = sorted({g["update"] for g in opt.param_groups} - {"kahan"})
+            if modes:
+                raise ValueError(f"weight storage: comp_format={self.comp_format!r} needs update='kahan' "
+                                 f"in every optimizer group, found update={modes}")
+        held_ids = {id(p) for p in held}
+        modules = dict(ctl.model.named_modules())
+        self._weights = {}
+        for name in ctl.layer_names:
+            ws = [w for w in layer_weights(modules[name]) if id(w) in held_ids]
+            if ws:
+                self._weights[name] = ws
+        self.ctl = ctl
+        self._handle = ctl.on(Event.PRECISION_CHANGED, self._on_change)
+        if getattr(ctl, "_current", None):  # attached inside the block: catch up now
+            self.apply(ctl.current)
+        return self
+
+    def detach(self) -> None:
+        """Stop following precision changes (the stored weights stay as they are)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self.ctl = None, None
+
+    def _on_change(self, ctl: Any, new: dict[str, Precision] | None = None, **_: Any) -> None:
+        if new:
+            self.apply(new)
+
+    # ------------------------------------------------------------------ the work
+    def target_formats(self, layers: dict[str, Precision]) -> dict[str, str]:
+        """The storage format of every stored layer under the per-layer precisions ``layers``."""
+        return {name: storage_spec(layers[name].weight, self.int_formats)
+                for name in self._weights if name in layers}
+
+    @torch.no_grad()
+    def apply(self, layers: dict[str, Precision]) -> None:
+        """Re-split every layer whose storage format differs from the one ``layers`` decide."""
+        opt = self.ctl.optimizer
+        targets = self.target_formats(layers)
+        # A tensor shared by two layers (tied weights) is stored in the finer of their formats.
+        per_param: dict[int, tuple[Tensor, str]] = {}
+        for name, spec in targets.items():
+            for w in self._weights[name]:
+                have = per_param.get(id(w))
+                if have is None or _finer(spec, have[1]):
+                    per_param[id(w)] = (w, spec)
+        comp = self.comp_format
+        if comp is not None:
+            for spec in set(targets.values()):
+                storage_defaults(spec, comp, "kahan")  # a clear error before anything changes
+        batches: dict[str, list[Tensor]] = {}
+        for w, spec in per_param.values():
+            current = opt.param_format(w)
+            if current is None or current[0] != spec or (comp is not None and current[1] != comp):
+                batches.setdefault(spec, []).append(w)
+        for spec, ws in batches.items():
+            opt.set_param_format(ws, spec, comp)
+        changed = [n for n, s in targets.items() if self.formats.get(n) != s]
+        self.resplits += len(changed)
+        if changed:
+            log.debug("adaprec: weight storage re-split %s", {n: targets[n] for n in changed})
+        self.formats.update(targets)
+
+
+def _finer(a: str, b: str) -> bool:
+    return significand_bits(storage_format(a)) > significand_bits(storage_format(b))
+
+
+def _bits_then_name(spec: str) -> tuple[int, str]:
+    return storage_format(spec).bits, spec
+
+
+def make_storage_mode(spec: bool | StorageMode | None) -> StorageMode | None:
+    """Read the Controller's ``weight_storage=`` argument: ``False``/``None`` (off), ``True`` (default
+    :class:`StorageMode`) or a configured :class:`StorageMode`."""
+    if spec is True:
+        return StorageMode()
+    if spec is False or spec is None:
+        return None
+    if isinstance(spec, StorageMode):
+        return spec
+    raise TypeError(f"weight_storage must be True, False or an adaprec.storage_mode.StorageMode, "
+                    f"got {spec!r}")
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _measured(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """Bytes of an optimizer we have no model for: its weights' dtype and its parameter-sized state."""
+    n = weight = state = 0.0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n += p.numel()
+            weight += p.numel() * p.element_size()
+            for v in opt.state.get(p, {}).values():
+                if isinstance(v, Tensor) and v.numel() == p.numel():
+                    state += v.numel() * v.element_size()
+    return {"params": n, "weight": weight, "compensation": 0.0, "optimizer_state": state,
+            "fp32_total": n * 4.0 + state}
+
+
+def memory_section(ctl: Any) -> Callable[[], dict[str, Any]]:
+    """A report section: modelled bytes per parameter of weights + compensation + optimizer state.
+
+    ``adaprec.optim`` optimizers are counted in their storage formats (per-layer formats of storage
+    mode included); plain torch optimizers keep FP32 weights (the master copy; a fake-quantized forward
+    stores nothing extra) plus their state buffers in FP32; other optimizers are measured from their
+    state tensors. ``memory_vs_fp32`` is the total over FP32 weights with the same optimizer.
+    """
+
+    def section() -> dict[str, Any]:
+        opt = ctl.optimizer
+        try:
+            r = optimizer_memory(opt)
+            d = {"params": r.params, "weight": r.weight, "compensation": r.compensation,
+                 "optimizer_state": r.optimizer_state, "fp32_total": r.fp32_total}
+        except TypeError:
+            d = _measured(opt)
+        n = d["params"] or 1
+        total = d["weight"] + d["compensation"] + d["optimizer_state"]
+        out: dict[str, Any] = {
+            "bytes_per_param": round(total / n, 3),
+            "memory_per_param": {k: round(d[k] / n, 3)
+                                 for k in ("weight", "compensation", "optimizer_state")},
+            "memory_vs_fp32": round(total / d["fp32_total"], 4) if d["fp32_total"] else 1.0,
+        }
+        if isinstance(opt, StoredParamsMixin):
+            own = {p: opt.param_format(p) for g in opt.param_groups for p in g["params"]}
+            fmts = sorted({f[0] for f in own.values() if f is not None}, key=_bits_then_name)
+            rest = sorted({g["weight_format"] for g in opt.param_groups
+                           if any(own[p] is None for p in g["params"])}, key=_bits_then_name)
+            out["weight_storage"] = ", ".join(fmts) + (f"; others {', '.join(rest)}" if fmts and rest else
+                                                       ", ".join(rest) if not fmts else "")
+        else:
+            out["weight_storage"] = "fp32 master"
+        return out
+
+    return section

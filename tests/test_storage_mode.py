@@ -1,0 +1,209 @@
+"""Weight storage mode: the controller's weight formats applied to the optimizer's stored weights."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adaprec
+from adaprec.decision import Decision
+from adaprec.formats import FP32, FixedPoint, FloatFormat, IntFormat, Precision
+from adaprec.optim import Compensated, KahanSGD
+from adaprec.policies import Fixed, Policy
+from adaprec.storage_mode import StorageMode, layer_weights, storage_spec
+
+
+class Switchable(Policy):
+    """Weights in ``self.fmt`` (activations and errors FP32); change ``fmt`` and call ``ctl.refresh()``."""
+
+    name = "switchable"
+
+    def __init__(self, fmt: str = "fx8") -> None:
+        self.fmt = fmt
+
+    def decide(self, ctl) -> Decision:
+        return Decision.uniform(Precision(self.fmt, "fp32", "fp32"))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data(n: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+def _train(ctl, model, opt, data) -> None:
+    for x, y in ctl.epoch(data):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _on_grid(w: torch.Tensor, fl: torch.Tensor, bits: int) -> bool:
+    q = w * 2.0 ** float(fl)
+    return bool((q == q.round()).all() and q.abs().max() <= 2 ** (bits - 1))
+
+
+def test_storage_spec_mapping() -> None:
+    fixed = (FixedPoint(8), FixedPoint(25), FixedPoint(32))
+    assert [storage_spec(f) for f in fixed] == ["fx8", "fx25", "fp32"]
+    assert storage_spec(FloatFormat("bf16")) == "bf16" and storage_spec(FP32()) == "fp32"
+    assert storage_spec(IntFormat(6)) == "fx6" and storage_spec(IntFormat(1)) == "fx2"
+    with pytest.raises(ValueError, match="min-max integer grid"):
+        storage_spec(IntFormat(6), int_formats="error")
+    with pytest.raises(ValueError, match="int_formats must be one of"):
+        StorageMode(int_formats="round")
+    shapes = [tuple(w.shape) for w in layer_weights(nn.MultiheadAttention(8, 2))]
+    assert shapes == [(24, 8), (8, 8)]
+
+
+def test_stored_weights_follow_the_decision_per_layer() -> None:
+    model, data = _model(), _data()
+    opt = KahanSGD(model.parameters(), lr=0.1, momentum=0.9, weight_format="fp32")
+    with adaprec.Controller(model, policy=Switchable("fx4"), optimizer=opt, weight_storage=True) as ctl:
+        _train(ctl, model, opt, data)
+        # The classifier floor (C=4 -> 5 bits) holds for storage too; biases stay in the optimizer's fp32.
+        assert ctl.weight_storage.formats == {"0": "fx4", "2": "fx5"}
+        for name, bits in (("0", 4), ("2", 5)):
+            w = model.get_submodule(name).weight
+            assert opt.param_format(w) == (f"fx{bits}", None)
+            assert _on_grid(w.detach(), opt.state[w]["w_fl"], bits)
+            assert opt.param_format(model.get_submodule(name).bias) is None
+        assert model[0].bias.detach().unique().numel() > 8  # not rounded to a 4-bit grid
+        r = ctl.report()
+    assert r["weight_storage"] == "fx4, fx5; others fp32"
+    n = sum(p.numel() for p in model.parameters())
+    exp_w = (12 * 16 * 0.5 + 16 * 4 * 0.625 + (16 + 4) * 4) / n
+    assert r["memory_per_param"] == {"weight": round(exp_w, 3), "compensation": round(exp_w, 3),
+                                     "optimizer_state": 4.0}
+
+
+def test_precision_change_resplits_and_preserves_w_plus_c() -> None:
+    model, data = _model(), _data()
+    pol = Switchable("fx8")
+    opt = KahanSGD(model.parameters(), lr=0.05, weight_format="fp32")
+    with adaprec.Controller(model, policy=pol, optimizer=opt, weight_storage=True,
+                            classifier_floor=False) as ctl:
+        _train(ctl, model, opt, data)
+        ws = [model[0].weight, model[2].weight]
+        total = [(w.detach() + opt.state[w]["comp"]).clone() for w in ws]
+        assert all(opt.state[w]["comp"].abs().max() > 0 for w in ws)
+        for fmt, bits in (("fx12", 12), ("fx6", 6)):
+            before = ctl.weight_storage.resplits
+            pol.fmt = fmt
+            ctl.refresh()
+            assert ctl.weight_storage.resplits == before + 2
+            for w, t in zip(ws, total):
+                fl = opt.state[w]["w_fl"]
+                assert _on_grid(w.detach(), fl, bits)
+                ulp_c = opt.storage_for(w).comp_ulp(fl)
+                assert (w.detach() + opt.state[w]["comp"] - t).abs().max() <= ulp_c / 2 + 1e-12, fmt
+                t.copy_(w.detach() + opt.state[w]["comp"])
+        pol.fmt = "bf16"
+        ctl.refresh()
+        w = model[0].weight
+        assert torch.equal(w.detach().to(torch.bfloat16).float(), w.detach()) and "w_fl" not in opt.state[w]
+        assert (w.detach() + opt.state[w]["comp"] - total[0]).abs().max() < 1e-5
+        _train(ctl, model, opt, data)  # and training goes on in the new format
+        assert torch.equal(w.detach().to(torch.bfloat16).float(), w.detach())
+
+
+def test_unchanged_format_does_not_resplit_and_attach_inside_block() -> None:
+    model, data = _model(), _data(3)
+    opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-2), weight_format="fp32")
+    mode = StorageMode()
+    with adaprec.Controller(model, policy=Switchable("fx8"), optimizer=opt) as ctl:
+        assert ctl.weight_storage is None
+        mode.attach(ctl)  # attached late: catches up with the formats in force
+        assert mode.formats == {"0": "fx8", "2": "fx8"}
+        _train(ctl, model, opt, data)
+        ctl.refresh(force=True)  # re-fires PRECISION_CHANGED with the same formats
+        assert mode.resplits == 2
+        assert _on_grid(model[0].weight.detach(), opt.state[model[0].weight]["w_fl"], 8)
+    with pytest.raises(RuntimeError, match="already attached"):
+        mode.attach(ctl)
+
+
+def test_optimizer_state_dict_keeps_per_param_formats() -> None:
+    model, data = _model(), _data(4)
+    opt = KahanSGD(model.parameters(), lr=0.05, momentum=0.9, weight_format="bf16", update="kahan")
+    with adaprec.Controller(model, policy=Switchable("fx6"), optimizer=opt, weight_storage=True) as ctl:
+        _train(ctl, model, opt, data[:2])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train_plain(model, opt, data[2:])
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    twin = _model()
+    twin.load_state_dict(saved["model"])
+    opt2 = KahanSGD(twin.parameters(), lr=0.05, momentum=0.9, weight_format="bf16")
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_format(twin[0].weight) == ("fx6", None) and opt2.param_format(twin[0].bias) is None
+    _train_plain(twin, opt2, data[2:])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def _train_plain(model, opt, data) -> None:
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_memory_report_for_plain_and_unknown_optimizers() -> None:
+    model = _model()
+    with adaprec.Controller(model, policy="fixed", optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
+                                                                             momentum=0.9)) as ctl:
+        r = ctl.report()
+    assert (r["bytes_per_param"], r["weight_storage"], r["memory_vs_fp32"]) == (8.0, "fp32 master", 1.0)
+    opt = torch.optim.Adamax(model.parameters())  # no memory model: measured from its state
+    with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:
+        _train(ctl, model, opt, _data(1))
+        parts = ctl.report()["memory_per_param"]
+        assert parts == {"weight": 4.0, "compensation": 0.0, "optimizer_state": 8.0}
+    opt = KahanSGD(model.parameters(), lr=0.1, momentum=0.9, weight_format="fx16")
+    with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:  # no storage mode: group format
+        r = ctl.report()
+    assert (r["bytes_per_param"], r["weight_storage"], r["memory_vs_fp32"]) == (8.0, "fx16", 1.0)
+
+
+def test_bad_inputs() -> None:
+    model = _model()
+    pol = Switchable("fx8")
+    with pytest.raises(TypeError, match=r"KahanSGD or adaprec\.optim\.Compensated"):
+        adaprec.Controller(model, policy=pol, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           weight_storage=True)
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        adaprec.Controller(model, policy=pol, weight_storage=True)
+    stray = nn.Parameter(torch.zeros(3))
+    opt = KahanSGD([*model.parameters(), stray], lr=0.1, weight_format="fp32")
+    with pytest.raises(ValueError, match="1 of the optimizer's 5 parameters .* not parameters of the model"):
+        adaprec.Controller(model, policy=pol, optimizer=opt, weight_storage=True)
+    with pytest.raises(ValueError, match="wider than the FP32 master"):
+        StorageMode(comp_format="fx32")
+    with pytest.raises(TypeError, match=r"Compensated supports torch\.optim\.SGD"):
+        Compensated(torch.optim.Adamax(model.parameters()))
+    opt = KahanSGD(model.parameters(), lr=0.1, weight_format="fp32", update="nearest")
+    with pytest.raises(ValueError, match="needs update='kahan'"):
+        adaprec.Controller(model, policy=pol, optimizer=opt, weight_storage=StorageMode(comp_format="fx16"))
+    opt = KahanSGD(model.parameters(), lr=0.1, weight_format="fp32")
+    with pytest.raises(ValueError, match="min-max integer grid"):
+        with adaprec.Controller(model, policy=Fixed(bits=4), optimizer=opt,
+                                weight_storage=StorageMode(int_formats="error")):
+            pass
+    with pytest.raises(ValueError, match="needs a fixed-point weight format"):  # fx comp, bf16 weight
+        with adaprec.Controller(model, policy=Switchable("bf16"), optimizer=opt,
+                                weight_storage=StorageMode(comp_format="fx12")):
+            pass
+    with pytest.raises(TypeError, match="weight_storage must be True, False or"):
+        adaprec.Controller(model, policy=pol, optimizer=opt, weight_storage="policy")
+    with pytest.raises(ValueError, match="not parameters of this optimizer"):
+        opt.set_param_format([stray], "fx8")
