@@ -57,6 +57,17 @@ class HistoryEntry:
         return vals[0] if len(vals) == 1 else "mixed(" + ", ".join(vals) + ")"
 
 
+def _allow_in_checkpoints() -> None:
+    # ctl.state_dict() holds these frozen dataclasses (history, guard floors); allow-listing them lets
+    # torch.load's default weights_only=True read a checkpoint that contains it.
+    from .formats import FP32, FixedPoint, FloatFormat, IntFormat
+
+    torch.serialization.add_safe_globals([HistoryEntry, Precision, IntFormat, FixedPoint, FloatFormat, FP32])
+
+
+_allow_in_checkpoints()
+
+
 class Report(dict):
     """``ctl.report()``: a dict of figures that prints as a small table.
 
@@ -260,6 +271,10 @@ class Controller:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        # The controller decides for the next iteration as soon as one completes; after the last one
+        # that decision never ran, so it is not part of the run's history.
+        if len(self.history) > 1 and self.history[-1].step == self.step_count:
+            self.history.pop()
         try:
             if exc is not None:
                 self.fire(Event.EXCEPTION_RAISED, exception=exc)
@@ -275,7 +290,7 @@ class Controller:
         had = "step" in opt.__dict__
 
         def guarded_step(_opt: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._current is not None and not all(p.is_fp32 for p in self._current.values()) \
+            if self._current is not None and self.guard.watching(self._current) \
                     and not self.guard.step_ok(self):
                 self._complete_iteration()  # the iteration happened; only its update is skipped
                 return None
@@ -479,7 +494,6 @@ class Controller:
         hist = list(self.history)  # a copy: _apply appends to self.history
         self._apply(self.policy.decide(self), force=True)
         self.history = hist
-        self._current = hist[-1].layers if hist else self._current
 
 
 def _world_size() -> int:

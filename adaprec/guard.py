@@ -94,6 +94,7 @@ class DivergenceGuard:
         self.floors: dict[str, Precision] = {}
         self.consecutive = 0
         self.skipped = 0
+        self.armed = False  # set at the first step that runs in low precision
 
     # -- as a constraint: keep the raised layers at least at their floor ----------------------------
     def __call__(self, layers: dict[str, Precision], ctl: Any) -> dict[str, Precision]:
@@ -102,6 +103,17 @@ class DivergenceGuard:
         return {n: (_at_least(p, self.floors[n]) if n in self.floors else p) for n, p in layers.items()}
 
     # -- the check ----------------------------------------------------------------------------------
+    def watching(self, layers: dict[str, Precision]) -> bool:
+        """Whether to check this step: from the first step with a low-precision layer on, to the end.
+
+        A run that has been FP32 throughout is left alone like plain PyTorch (no per-step sync); once
+        low precision was used, FP32 steps are checked too, so a run the guard (or a policy such as
+        MuPPET) has raised to FP32 still stops with a clear error instead of applying a NaN update.
+        """
+        if not self.armed and any(not p.is_fp32 for p in layers.values()):
+            self.armed = True
+        return self.armed
+
     def step_ok(self, ctl: Controller) -> bool:
         """True if the gradients are finite; otherwise record the failure and raise precision."""
         grads = [p.grad for p in ctl.model.parameters() if p.grad is not None]
@@ -151,9 +163,11 @@ class DivergenceGuard:
         return bad or list(ctl.backend.sites)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"floors": dict(self.floors), "consecutive": self.consecutive, "skipped": self.skipped}
+        return {"floors": dict(self.floors), "consecutive": self.consecutive, "skipped": self.skipped,
+                "armed": self.armed}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.floors = dict(d["floors"])
         self.consecutive = int(d["consecutive"])
         self.skipped = int(d["skipped"])
+        self.armed = bool(d.get("armed", self.floors))  # states saved before "armed" existed

@@ -196,7 +196,7 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
     _heatmap(ax[0], fig, weights, last, "weight bits per layer", lo, hi)
     _heatmap(ax[1], fig, grads, last, "gradient bits per layer", lo, hi)
     if _loss(ax[2], scalars, label="loss (window mean)"):
-        ax[2].legend(fontsize=8)
+        ax[2].legend(fontsize=8, loc="center right")
     else:
         ax[2].text(0.5, 0.5, "no loss observed", ha="center", va="center", transform=ax[2].transAxes)
     metric = final_metric(scalars)
@@ -230,7 +230,14 @@ def _cost(ax, scalars: dict[str, Series]) -> None:
             frac = 1 - np.array([p[1] for p in sv])
             ok = frac > 0
             ax.plot(s[ok], v[ok] / frac[ok], style, label=label)
-    ax.set_ylabel("GBitOPs")
+    ax.set_ylabel("GBitOPs (log scale)")
+    # FP32 costs ~10-30x more than low precision: on a linear axis the low-precision lines merge.
+    ax.set_yscale("log")
+    sv = scalars.get("cost/savings_vs_fp32")
+    ref = scalars.get("cost/savings_vs_reference")
+    if sv and ref:
+        ax.set_title(f"cumulative GBitOPs ({-100 * sv[-1][1]:+.0f} % vs FP32, "
+                     f"{-100 * ref[-1][1]:+.0f} % vs static)")
     ax.legend(fontsize=8)
 
 
@@ -267,7 +274,11 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     for label, x, y, _ in pts:
         ax[0].scatter(x, y)
         ax[0].annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax[0].set_xlabel("training GBitOPs")
+    ax[0].set_xscale("log")  # FP32 runs cost 10-30x more than low-precision ones
+    from matplotlib.ticker import NullFormatter
+
+    ax[0].xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log range
+    ax[0].set_xlabel("training GBitOPs (log scale)")
     ax[0].set_ylabel(pts[0][3].split("/", 1)[-1])
     ax[0].set_title(f"{pts[0][3].split('/', 1)[-1]} vs cost")
     for label, scalars in zip(labels, data):
@@ -280,10 +291,12 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
             steps, mat = _step_matrix(weights, _last_step(scalars))
             ax[3].step(steps, mat.mean(axis=0), where="post", label=label)
     for a, title, ylab in ((ax[1], "training loss (window mean)", "loss"),
-                           (ax[2], "cumulative GBitOPs", "GBitOPs"),
+                           (ax[2], "cumulative GBitOPs", "GBitOPs (log scale)"),
                            (ax[3], "mean weight bits over layers", "bits")):
         a.set_title(title)
         a.set_xlabel("step")
+        if a is ax[2] and a.get_lines():
+            a.set_yscale("log")
         a.set_ylabel(ylab)
         if a.get_legend_handles_labels()[0] and len(runs) <= 12:
             a.legend(fontsize=7)

@@ -23,7 +23,8 @@ How a decision's weight format becomes a storage format (:func:`storage_spec`):
   store on. ``int_formats="fixed"`` (default) stores ``max(b, 2)``-bit fixed point — the same width — and
   the backend still rounds that to its min-max grid in each forward; ``int_formats="error"`` refuses.
 
-The compensation has the weight's width unless ``comp_format=`` says otherwise (Kahan optimizers only).
+The compensation is the optimizer's ``comp_format`` (default: as wide as the weight) unless
+``StorageMode(comp_format=...)`` says otherwise (Kahan optimizers only).
 
 Example:
     >>> import torch, adaprec
@@ -122,8 +123,9 @@ class StorageMode:
     at once.
 
     Args:
-        comp_format: compensation format of every stored layer; ``None`` = the weight's width. Needs
-            ``update="kahan"`` optimizer groups.
+        comp_format: compensation format of every stored layer (needs ``update="kahan"`` optimizer
+            groups); ``None`` keeps the ``comp_format`` the optimizer was built with, whose ``None`` is
+            the weight's width (a fixed-point one is dropped for float or FP32 weights).
         int_formats: ``"fixed"`` stores an ``IntFormat(b)`` decision as ``b``-bit fixed point;
             ``"error"`` refuses such policies (module docstring).
 
@@ -228,17 +230,24 @@ class StorageMode:
                 have = per_param.get(id(w))
                 if have is None or _finer(spec, have[1]):
                     per_param[id(w)] = (w, spec)
-        comp = self.comp_format
-        if comp is not None:
-            for spec in set(targets.values()):
-                storage_defaults(spec, comp, "kahan")  # a clear error before anything changes
-        batches: dict[str, list[Tensor]] = {}
+        # The compensation: this mode's comp_format, else the one the optimizer group was built with
+        # (None there too: as wide as the weight).
+        group_comp = {id(p): g["comp_format"] for g in opt.param_groups for p in g["params"]}
+        wanted: dict[tuple[str, str | None], list[Tensor]] = {}
         for w, spec in per_param.values():
-            current = opt.param_format(w)
-            if current is None or current[0] != spec or (comp is not None and current[1] != comp):
-                batches.setdefault(spec, []).append(w)
-        for spec, ws in batches.items():
-            opt.set_param_format(ws, spec, comp)
+            comp = self.comp_format
+            if comp is None and group_comp[id(w)] is not None:
+                comp = group_comp[id(w)]
+                if comp.startswith("fx") and not spec.startswith("fx"):
+                    comp = None  # the group's fixed-point compensation cannot hang off a float weight
+            wanted.setdefault((spec, comp), []).append(w)
+        for spec, comp in wanted:
+            if comp is not None:
+                storage_defaults(spec, comp, "kahan")  # a clear error before anything changes
+        for (spec, comp), ws in wanted.items():
+            stale = [w for w in ws if opt.param_format(w) != (spec, comp)]
+            if stale:
+                opt.set_param_format(stale, spec, comp)
         changed = [n for n, s in targets.items() if self.formats.get(n) != s]
         self.resplits += len(changed)
         if changed:

@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         "best_recipe": (out / "tune.toml").read_text(),
     }
 
+    from adaprec.tasks import get_task
+
+    n_test = len(get_task("digits").y_test)
+    spread = max(r["max_accuracy"] - r["min_accuracy"] for r in rechecked.values())
+    data["noise"] = {"test_samples": n_test, "max_seed_spread": spread}
     lines = [
         f"30-trial question: does a tuned CPT beat the paper default (3-8/8, 32 cos cycles) on both "
         f"accuracy and GBitOPs? Digits CNN, {args.epochs} epochs x {len(wall)} trials, batch "
@@ -148,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- Wall time per trial: median {data['trial_wall_s']['median']:.2f} s (min {wall[0]:.2f}, "
         f"max {wall[-1]:.2f}, first trial incl. warm-up {first:.2f}); whole study {study_wall:.1f} s. "
         f"Load average before/after: {load_before} / {data['load_average_after']} (shared machine).",
+        f"- Scale of the noise: one test image is {1 / n_test:.4f} accuracy ({n_test} held-out digits), and "
+        f"one configuration's accuracy spans up to {spread:.4f} "
+        "across the re-check seeds, so accuracy differences of a few images are not wins; the GBitOPs "
+        "are exact (they do not depend on the seed).",
         f"- Failed trials: {len(failed)}"
         + (f" ({'; '.join(f['reason'] for f in failed)[:300]})" if failed else ""),
         "",

@@ -38,7 +38,8 @@ def test_weight_gradient_comes_from_error_on_the_grid(kind: str) -> None:
         layer, x = nn.Conv2d(n, n, 1, bias=False), torch.eye(n).view(n, n, 1, 1)
     model = nn.Sequential(layer)
     err = torch.randn(n, n)
-    with adaprec.Controller(model, policy=Fixed(bits=8, grad_bits=3)):
+    # classifier_floor=False: a lone Linear would count as a classifier and keep >= 7 bits.
+    with adaprec.Controller(model, policy=Fixed(bits=8, grad_bits=3), classifier_floor=False):
         y = model(x.requires_grad_()).view(n, n)
         (y * err).sum().backward()
         seen = layer.weight.grad.view(n, n).t()
@@ -55,7 +56,7 @@ def test_error_quantization_is_unbiased() -> None:
     layer = nn.Linear(n, n, bias=False)
     err = torch.randn(n, n)
     acc = torch.zeros(n, n)
-    with adaprec.Controller(nn.Sequential(layer), policy=adaprec.policies.Fixed(bits=8, grad_bits=2)):
+    with adaprec.Controller(nn.Sequential(layer), policy=Fixed(bits=8, grad_bits=2), classifier_floor=False):
         for _ in range(draws):
             layer.weight.grad = None
             (layer(torch.eye(n)) * err).sum().backward()
@@ -94,7 +95,7 @@ def test_error_at_layer_output_is_quantized(kind: str) -> None:
     want = [t.grad for t in plain] + [p.grad.clone() for p in module.parameters()]
     module.zero_grad()
     policy = adaprec.policies.Fixed(bits="fp32", grad_bits=GRAD_ONLY.gradient)
-    with adaprec.Controller(module, policy=policy):
+    with adaprec.Controller(module, policy=policy, classifier_floor=False):
         y = out_of(module(*inside))
         assert torch.equal(y, y_plain)  # forward untouched at FP32 weights and activations
         torch.manual_seed(2)
@@ -114,7 +115,7 @@ def test_error_at_layer_output_is_quantized(kind: str) -> None:
 def test_linear_forward_uses_quantized_operands_with_ste() -> None:
     lin = nn.Linear(6, 4)
     x = torch.randn(5, 6)
-    with adaprec.Controller(nn.Sequential(lin), policy=Fixed(bits=3, grad_bits=32)):
+    with adaprec.Controller(nn.Sequential(lin), policy=Fixed(bits=3, grad_bits=32), classifier_floor=False):
         y = lin(x)
         xq, wq = IntFormat(3).quantize(x), IntFormat(3, per_channel=True).quantize(lin.weight.detach())
         assert torch.equal(y, F.linear(xq, wq, lin.bias))
@@ -140,7 +141,7 @@ def test_eval_uses_running_activation_range() -> None:
     a, b = torch.randn(4, 3), torch.randn(4, 3) * 5
     x = torch.randn(4, 3) * 2
     model = nn.Sequential(lin)
-    with adaprec.Controller(model, policy=Fixed(bits=3)) as ctl:
+    with adaprec.Controller(model, policy=Fixed(bits=3), classifier_floor=False) as ctl:
         model.eval()
         wq = IntFormat(3, per_channel=True).quantize(lin.weight.detach())
         # No training forward yet: eval falls back to the batch range.
@@ -263,3 +264,17 @@ def test_layer_filter_forms() -> None:
         find_layers(model, 3)
     with pytest.raises(TypeError, match="list of name patterns"):
         find_layers(model, ["0", 1])
+
+
+def test_bits_changed_between_forward_and_backward() -> None:
+    # E.g. a policy reacting to ctl.observe(loss=loss) called before loss.backward().
+    n = 16
+    layer = nn.Linear(n, n, bias=False)
+    pol = Fixed(bits=8, grad_bits=3)
+    with adaprec.Controller(nn.Sequential(layer), policy=pol, classifier_floor=False) as ctl:
+        y = layer(torch.eye(n))
+        pol._decision = Decision.uniform(Precision.cpt(8, 12))
+        ctl.refresh()
+        (y * torch.randn(n, n)).sum().backward()  # no "modified by an inplace operation"
+        assert _on_grid(layer.weight.grad, 8)  # the error format of the forward it belongs to
+        assert ctl.current["0"].gradient.bits == 12

@@ -56,7 +56,7 @@ def test_loop_with_optimizer(tiny_cnn: nn.Module) -> None:
 
 
 def test_loop_without_optimizer_and_misuse(tiny_cnn: nn.Module) -> None:
-    ctl = adaprec.Controller(tiny_cnn, policy=_StepSchedule())
+    ctl = adaprec.Controller(tiny_cnn, policy=_StepSchedule(), classifier_floor=False)
     with pytest.raises(RuntimeError, match="only available inside"):
         ctl.step()
     with ctl:
@@ -87,7 +87,7 @@ def test_step_with_optimizer_given_is_an_error(tiny_cnn: nn.Module) -> None:
 
 def test_precision_changed_event(tiny_cnn: nn.Module) -> None:
     seen = []
-    ctl = adaprec.Controller(tiny_cnn, policy=_StepSchedule())
+    ctl = adaprec.Controller(tiny_cnn, policy=_StepSchedule(), classifier_floor=False)
     ctl.on(Event.PRECISION_CHANGED, lambda c, old, new, step: seen.append(
         (None if old is None else old["0"].weight.bits, new["0"].weight.bits, step)))
     with ctl:
@@ -98,13 +98,16 @@ def test_precision_changed_event(tiny_cnn: nn.Module) -> None:
 
 def test_constraints_shape_the_decision(tiny_cnn: nn.Module) -> None:
     pol = Fixed(bits=3, grad_bits=6)
-    with adaprec.Controller(tiny_cnn, policy=pol, constraints=[Floor("first", 8)]) as ctl:
+    kw = {"policy": pol, "classifier_floor": False}
+    with adaprec.Controller(tiny_cnn, constraints=[Floor("first", 8)], **kw) as ctl:
         assert ctl.current["0"].short() == "int8/int8" and ctl.current["3"].short() == "int3/int6"
-    with adaprec.Controller(tiny_cnn, policy=pol, constraints=Pin("last", Precision.fp32())) as ctl:
+    with adaprec.Controller(tiny_cnn, constraints=Pin("last", Precision.fp32()), **kw) as ctl:
         assert ctl.current["3"].is_fp32 and ctl.current["0"].weight.bits == 3
-    with adaprec.Controller(tiny_cnn, policy=pol, constraints=[Clamp(4, 5), Floor("3", 7, ("gradient",))]) \
-            as ctl:
+    with adaprec.Controller(tiny_cnn, constraints=[Clamp(4, 5), Floor("3", 7, ("gradient",))], **kw) as ctl:
         assert ctl.current["0"].short() == "int4/int5" and ctl.current["3"].short() == "int4/int7"
+    # The default classifier floor (3 classes: ceil(log2 3) + 1 + 2 = 5 bits) runs before the user's own.
+    with adaprec.Controller(tiny_cnn, policy=pol) as ctl:
+        assert ctl.current["3"].short() == "int5/int6" and ctl.current["0"].short() == "int3/int6"
 
 
 def test_constraint_returning_garbage_is_reported(tiny_cnn: nn.Module) -> None:
@@ -136,6 +139,7 @@ def test_state_dict_round_trip(tiny_cnn: nn.Module) -> None:
 # --- cost meter against hand-computed MACs ---------------------------------------------------------
 
 def _one_step_cost(model: nn.Module, inputs: tuple, prec: Precision, **kw) -> adaprec.Report:
+    kw.setdefault("classifier_floor", False)
     with adaprec.Controller(model, policy=Fixed(prec.weight, prec.gradient, prec.activation), **kw) as ctl:
         out = model(*inputs)
         (out[0] if isinstance(out, tuple) else out).sum().backward()
@@ -188,7 +192,7 @@ def test_bitops_mixed_layers_and_fp32_layers() -> None:
 
 
 def test_cost_accumulates_over_steps_and_precision_changes(tiny_cnn: nn.Module) -> None:
-    with adaprec.Controller(tiny_cnn, policy=_StepSchedule()) as ctl:
+    with adaprec.Controller(tiny_cnn, policy=_StepSchedule(), classifier_floor=False) as ctl:
         for _ in range(3):
             tiny_cnn(torch.randn(2, 1, 8, 8)).sum().backward()
             ctl.step()

@@ -34,6 +34,9 @@ def _drive(policy, total: int, steps: int | None = None, reference: Precision | 
     """Run ``steps`` (default ``total``) training forwards of a tiny model under ``policy``."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     x = torch.randn(1, 4)
+    # A one-layer model's only layer is its classifier: switch the classifier floor off so that it
+    # follows the policy.
+    kw.setdefault("classifier_floor", False)
     ctl = adaprec.Controller(model, policy=policy, total_steps=total, reference=reference, **kw)
     with ctl, torch.no_grad():  # train-mode forwards count MACs; no backward needed for the cost
         for _ in range(total if steps is None else steps):
@@ -152,7 +155,7 @@ def test_eval_precision_default_max_current_and_int():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     for eval_bits, want in ((None, 8), ("max", 8), ("current", 3), (5, 5)):
         with adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=2, eval_bits=eval_bits),
-                                total_steps=20) as ctl:
+                                total_steps=20, classifier_floor=False) as ctl:
             site = ctl.backend.sites["0"]
             assert site.train.weight.fmt.bits == 3  # step 0 trains at B_min
             assert site.eval.weight.fmt.bits == want
@@ -176,12 +179,18 @@ def test_state_dict_resume_gives_same_decisions():
     full = _bits_per_step(_drive(CPT(bits=(3, 8), cycles=3), total=60))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     x = torch.randn(1, 4)
-    with adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=3), total_steps=60) as ctl, torch.no_grad():
+
+    def controller() -> adaprec.Controller:
+        return adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=3), total_steps=60,
+                                  classifier_floor=False)
+
+    ctl = controller()
+    with ctl, torch.no_grad():
         for _ in range(25):
             model(x)
             ctl.step()
         state = ctl.state_dict()
-    ctl2 = adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=3), total_steps=60)
+    ctl2 = controller()
     with ctl2, torch.no_grad():
         ctl2.load_state_dict(state)
         for _ in range(35):

@@ -250,6 +250,6 @@ def test_auto_state_resumes_after_the_test():
     with adaprec.Controller(model, policy=again, total_steps=120) as ctl2:
         ctl2.load_state_dict(state)
         assert again.bounds == pol.bounds and again.start == pol.start
-        assert ctl2.current["0"].weight.bits == again.bits_at(120, 120)[0]
+        assert ctl2.backend.sites["0"].train.weight.fmt.bits == again.bits_at(120, 120)[0] == pol.bounds[0]
     with pytest.raises(ValueError, match="bits='auto'"):
         CPT(bits=(3, 8)).load_state_dict(state["policy"])

@@ -115,6 +115,25 @@ def test_precision_change_resplits_and_preserves_w_plus_c() -> None:
         assert torch.equal(w.detach().to(torch.bfloat16).float(), w.detach())
 
 
+def test_compensation_format_from_the_optimizer_or_the_mode() -> None:
+    model, data = _model(), _data(2)
+    pol = Switchable("fx16")
+    opt = KahanSGD(model.parameters(), lr=0.05, weight_format="fx16", comp_format="fx8")
+    with adaprec.Controller(model, policy=pol, optimizer=opt, weight_storage=True) as ctl:
+        _train(ctl, model, opt, data)
+        w = model[0].weight
+        assert opt.param_format(w) == ("fx16", "fx8")
+        assert ctl.report()["memory_per_param"]["compensation"] == 1.0
+        pol.fmt = "bf16"  # a fixed-point compensation cannot follow a float weight: as wide as the weight
+        ctl.refresh()
+        assert opt.param_format(w) == ("bf16", None)
+    model = _model()
+    opt = KahanSGD(model.parameters(), lr=0.05, weight_format="fp32")
+    with adaprec.Controller(model, policy=Switchable("fx12"), optimizer=opt,
+                            weight_storage=StorageMode(comp_format="fx4")):
+        assert opt.param_format(model[2].weight) == ("fx12", "fx4")
+
+
 def test_unchanged_format_does_not_resplit_and_attach_inside_block() -> None:
     model, data = _model(), _data(3)
     opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-2), weight_format="fp32")

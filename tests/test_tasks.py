@@ -237,6 +237,8 @@ def test_image_folder_task_loads_and_trains_one_step(tmp_path):
     task.loss(model, (x, y)).backward()
     metrics = task.evaluate(model)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["val_loss"])
+    result = train(task, "fixed", epochs=1, batch_size=4, lr=0.01)  # DataLoader path through the loop
+    assert result.steps == 1  # 6 images, drop_last
 
 
 def test_image_folder_errors(tmp_path):

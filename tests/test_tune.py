@@ -285,6 +285,16 @@ def test_broken_train_functions_fail_clearly_and_keep_the_study(tmp_path):
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE]
     failed = [t for t in study.trials if t.user_attrs.get("fail_reason")]
     assert all("gbitops" in t.user_attrs["fail_reason"] for t in failed)
+
+    def rejects(policy, report):  # a configuration the run cannot take fails only its own trial
+        if policy.config()["bits"] % 2:
+            raise ValueError("odd bits do not suit this run")
+        return synthetic(policy, report)
+
+    tune.optimize(study, tune.objective(rejects, "fixed"), 8, progress=False)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 8
+    rejected = [t for t in study.trials if "odd bits" in t.user_attrs.get("fail_reason", "")]
+    assert rejected and all(t.state == TrialState.FAIL and t.params["bits"] % 2 for t in rejected)
     with pytest.raises(ValueError, match="not COMPLETE"):
         tune.policy_from(study, study.trials[2].number)
     with pytest.raises(ValueError, match="no trial number 99"):

@@ -100,20 +100,39 @@ def postgres_url():
 
 
 WORKER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     import optuna
     from adaprec import tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, name, n_trials, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    url, name, n_trials, role, marker = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    calls = 0
+
+    def announce(path, text):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
     def train_fn(policy, report):
-        cfg = policy.config()
-        time.sleep(0.7)  # "training": long enough to be killed in the middle of it
-        bits, grad = cfg["bits"], cfg["grad_bits"]
+        global calls
+        calls += 1
+        if role == "victim" and calls == 1:
+            announce(marker + ".first", "")  # lets the survivor start: the two now overlap
+        if role == "victim" and calls == 2:
+            # Announce which trial it is training, then "train" until it is killed.
+            announce(marker, str(report.trial.number))
+            time.sleep(120)
+        time.sleep(0.5)
+        bits, grad = policy.config()["bits"], policy.config()["grad_bits"]
         return {"accuracy": 1 - 0.7 ** bits, "gbitops": bits * (bits + 2 * grad)}
 
+    seed = 1 if role == "victim" else 2
     study = tune.create_study(name, url, policy="fixed", seed=seed, heartbeat_interval=1, grace_period=2)
+    if role == "survivor":
+        # Start once the victim is training, so the survivor cannot use up the budget before the victim
+        # reaches the trial it dies in (imports take a variable time on a busy machine).
+        while not os.path.exists(marker + ".first"):
+            time.sleep(0.05)
     tune.optimize(study, tune.objective(train_fn, "fixed"), n_trials, progress=False)
 """)
 
@@ -136,29 +155,30 @@ def test_killed_worker_loses_no_trial(postgres_url, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    workers = [subprocess.Popen([sys.executable, str(script), postgres_url, name, str(N_TRIALS), str(seed)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for seed in (1, 2)]
+    marker = tmp_path / "victim-training"
+    workers = [subprocess.Popen([sys.executable, str(script), postgres_url, name, str(N_TRIALS), role,
+                                 str(marker)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+               for role in ("victim", "survivor")]
     victim, survivor = workers
     reader = _reader(postgres_url)
     try:
-        # Kill the first worker while it is training its second trial (after one completed).
-        tag = f":{victim.pid}"
+        # The victim completes one trial, then announces its second and hangs in it: kill it there.
         deadline = time.monotonic() + 90
-        killed_number = None
-        while killed_number is None:
-            assert time.monotonic() < deadline, "the worker never got to a second trial"
-            assert victim.poll() is None, f"worker exited early:\n{victim.stdout.read()}"
-            mine = [t for t in _trials(reader, name) if t.user_attrs.get("worker", "").endswith(tag)]
-            done = [t for t in mine if t.state == TrialState.COMPLETE]
-            running = [t for t in mine if t.state == TrialState.RUNNING]
-            if done and running:
-                victim.send_signal(signal.SIGKILL)
-                victim.wait(timeout=10)
-                killed_number = running[0].number
-                completed_by_victim = {t.number: t.values for t in done}
-            else:
-                time.sleep(0.05)
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the victim never started its second trial"
+            assert victim.poll() is None, f"the victim exited early:\n{victim.stdout.read()}"
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        killed_number = int(marker.read_text())
+        tag = f":{victim.pid}"
+        after = {t.number: t for t in _trials(reader, name)}
+        assert after[killed_number].state == TrialState.RUNNING  # orphaned: nobody will finish it
+        assert after[killed_number].user_attrs["worker"].endswith(tag)
+        completed_by_victim = {t.number: t.values for t in after.values()
+                               if t.state == TrialState.COMPLETE and t.user_attrs["worker"].endswith(tag)}
+        assert completed_by_victim, "the victim completed a trial before it was killed"
         out, _ = survivor.communicate(timeout=120)
         assert survivor.returncode == 0, out
     finally:

@@ -258,7 +258,9 @@ class _FP8Linear(torch.autograd.Function):
         y = _mm8(x8, sx, w8.t(), sw, kernel)
         if b is not None:
             y = y + b
-        ctx.save_for_backward(x8, sx, w8, sw, grad_p)
+        # A copy of the gradient format's numbers: the backward must use the format of its own forward
+        # even if the controller refills ``p`` in place before ``loss.backward()``.
+        ctx.save_for_backward(x8, sx, w8, sw, None if grad_p is None else grad_p.clone())
         ctx.grad_dtype, ctx.kernel, ctx.has_bias = grad_dtype, kernel, b is not None
         ctx.grad_sr = grad_p is not None
         return y
@@ -296,7 +298,7 @@ class _ScaledFP8Grad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, dtype, grad_p):  # noqa: D102
         ctx.dtype = dtype
-        ctx.save_for_backward(grad_p)
+        ctx.save_for_backward(grad_p.clone())  # see _FP8Linear: the forward's format, not a later one
         return y.view_as(y)
 
     @staticmethod
@@ -314,9 +316,9 @@ def _int_codes(x: Tensor, qmax: Tensor, lo: Tensor, hi: Tensor, stochastic: bool
     Returns ``(q, scale)`` with ``q`` the float codes in ``0..qmax``; ``q * scale + lo`` is the value.
     """
     scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    v = (x.detach() - lo) / scale
-    q = torch.floor(v + torch.rand_like(v)) if stochastic else torch.round(v)
-    return torch.minimum(q.clamp_min(0.0), qmax), scale
+    v = torch.sub(x.detach(), lo).div_(scale)
+    q = kernels.add_uniform_noise_(v).floor_() if stochastic else v.round_()
+    return q.clamp_min_(0.0).clamp_max_(qmax), scale
 
 
 def _affine_mm(qa: Tensor, sa: Tensor, za: Tensor, qb: Tensor, sb: Tensor, zb: Tensor,
@@ -355,23 +357,26 @@ class _Int8Linear(torch.autograd.Function):
         y = _affine_mm(cx, sx, zx, cw.t(), sw_row, zw_row, kernel=_int_ok(m, k, n, strict))
         if b is not None:
             y = y + b
-        ctx.save_for_backward(cx, sx, zx, cw, sw, zw)
-        ctx.gq, ctx.strict, ctx.has_bias = gq, strict, b is not None
+        # The error format as it is now (kind and numbers): the controller may refill the quantizer in
+        # place before ``loss.backward()`` runs.
+        ctx.save_for_backward(cx, sx, zx, cw, sw, zw, gq.p.clone())
+        ctx.gkind, ctx.gstoch, ctx.gbits = gq.kind, gq.stochastic, gq.fmt.bits
+        ctx.gper_channel = gq.per_channel
+        ctx.strict, ctx.has_bias = strict, b is not None
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
-        cx, sx, zx, cw, sw, zw = ctx.saved_tensors
-        gq = ctx.gq
+        cx, sx, zx, cw, sw, zw, gp = ctx.saved_tensors
         g = g.contiguous()
         codes = None
-        if gq.kind == "int" and not gq.per_channel and gq.fmt.bits == 8:
+        if ctx.gkind == "int" and not ctx.gper_channel and ctx.gbits == 8:
             lo, hi = torch.aminmax(g)
-            q, sg = _int_codes(g, gq.p[0], lo, hi, gq.stochastic)
+            q, sg = _int_codes(g, gp[0], lo, hi, ctx.gstoch)
             gdeq = q * sg + lo
             codes, zg = (q - 128.0).to(torch.int8), lo + 128.0 * sg
-        elif gq.active:
-            gdeq = kernels.quantize(g, gq.kind, gq.p, False, gq.stochastic)
+        elif ctx.gkind != "fp32":
+            gdeq = kernels.quantize(g, ctx.gkind, gp, False, ctx.gstoch)
         else:
             gdeq = g
         gx = gw = gb = None

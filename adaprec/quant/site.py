@@ -35,7 +35,10 @@ class _GradQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kind, p, stochastic):  # noqa: D102
         ctx.kind, ctx.stochastic = kind, stochastic
-        ctx.save_for_backward(p)
+        # A copy of the 3 numbers: the backward uses the format of the forward it belongs to, even if
+        # the controller changes bits in place before ``loss.backward()`` (saving ``p`` itself would
+        # make autograd fail with "modified by an inplace operation").
+        ctx.save_for_backward(p.clone())
         # A detached alias, not ``view_as``: autograd forbids in-place ops on views returned by a custom
         # Function, and layers are commonly followed by ``ReLU(inplace=True)``. The alias shares the
         # version counter, so in-place use is exactly as safe as on the layer's own output.

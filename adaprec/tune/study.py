@@ -151,15 +151,15 @@ class Objective:
             trial.set_user_attr("fail_reason", f"same parameters as completed trial {twin}; "
                                                "not trained again")
             return nan
-        policy = self.build_policy(kwargs)
-        trial.set_user_attr("policy_config", _jsonable(policy.config()))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         report = EpochReporter(trial, self.metrics[0], prune=len(self.metrics) == 1)
         try:
+            policy = self.build_policy(kwargs)
+            trial.set_user_attr("policy_config", _jsonable(policy.config()))
             result = self.train_fn(policy, report)
         except ValueError as exc:
-            # Typically a sampled configuration the run cannot take (e.g. more CPT cycles than
-            # iterations); optimize() fails this trial and goes on. The reason stays with the trial.
+            # Typically a sampled configuration the policy or the run cannot take (e.g. more CPT cycles
+            # than iterations); optimize() fails this trial and goes on. The reason stays with the trial.
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
         if not isinstance(result, Mapping):

@@ -1,0 +1,223 @@
+"""Overhead of the controller and of simulated quantization on one training step (issue 2 benchmark).
+
+One SGD step (forward, backward, update) of a CIFAR-shaped ResNet-20, batch 128 of synthetic 3x32x32
+images, in each configuration of :data:`CONFIGS`, eager and under ``torch.compile``. All
+configurations live in one process and are timed in alternating order, round after round, so that a
+change in machine load hits them alike; the figure is the median step time and its ratio to plain
+PyTorch in the same mode. Ratios use process CPU time by default (``--clock wall`` for wall-clock):
+on a shared machine other jobs inflate wall-clock times unevenly, much less the CPU time of this
+single-threaded process. Both are recorded.
+
+Targets (issue 2): ``Controller("fp32")`` <= 1.03x plain; fixed 8-bit simulation <= 1.5x plain eager and
+<= 1.25x plain compiled.
+
+Usage::
+
+    python benchmarks/overhead.py                   # eager and compiled, 1 thread, writes results/
+    python benchmarks/overhead.py --modes eager --rounds 5 --no-write   # a quick look
+
+To add a configuration, append a :class:`Config` to :data:`CONFIGS` (a name, a function that builds the
+controller for a model and its optimizer — or ``None`` for plain PyTorch — and the target ratio, if any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
+
+from common import median, write_results  # noqa: E402
+
+import adaprec  # noqa: E402
+
+try:
+    from adaprec.tasks.cifar import resnet20
+except ImportError:  # pragma: no cover - the tasks package is optional for this benchmark
+    resnet20 = None
+
+BATCH = 128
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way of running the training step.
+
+    ``make(model, optimizer)`` returns the context manager to enter (an ``adaprec.Controller``) or
+    ``None`` for plain PyTorch; ``target`` maps a mode (``"eager"``/``"compiled"``) to the largest
+    acceptable ratio to plain PyTorch in that mode.
+    """
+
+    name: str
+    make: Callable[[nn.Module, torch.optim.Optimizer], contextlib.AbstractContextManager | None]
+    target: dict[str, float]
+    note: str = ""
+
+
+CONFIGS: list[Config] = [
+    Config("plain", lambda m, o: None, {}, "plain PyTorch, no controller"),
+    Config("fp32", lambda m, o: adaprec.Controller(m, policy="fp32", optimizer=o),
+           {"eager": 1.03, "compiled": 1.03}, 'Controller(policy="fp32"): observers and cost meter only'),
+    Config("fixed8", lambda m, o: adaprec.Controller(m, policy=adaprec.policies.Fixed(bits=8, grad_bits=8),
+                                                     optimizer=o),
+           {"eager": 1.5, "compiled": 1.25}, "Fixed 8/8/8 on all convs and the FC (default settings)"),
+    Config("fixed8-noguard",
+           lambda m, o: adaprec.Controller(m, policy=adaprec.policies.Fixed(bits=8, grad_bits=8),
+                                           optimizer=o, guard=False),
+           {}, "as fixed8 without the divergence guard (its per-step gradient check)"),
+]
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout - cin  # option-A shortcut: subsample and zero-pad channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        sc = x if self.pad == 0 else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad // 2))
+        return F.relu(out + sc)
+
+
+def _fallback_resnet20() -> nn.Module:
+    """ResNet-20 (He et al. 2016, CIFAR variant), used only when adaprec.tasks.cifar is missing."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            layers.append(_Block(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
+
+
+def build_model() -> nn.Module:
+    return resnet20() if resnet20 is not None else _fallback_resnet20()
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+class _Runner:
+    """A model, its optimizer and (entered) controller, and the callable the step goes through."""
+
+    def __init__(self, cfg: Config, base: nn.Module, mode: str, stack: contextlib.ExitStack) -> None:
+        self.cfg = cfg
+        self.model = copy.deepcopy(base)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        ctl = cfg.make(self.model, self.opt)
+        if ctl is not None:
+            stack.enter_context(ctl)
+        # Compile inside the controller, as the docs ask users to.
+        self.fn = torch.compile(self.model) if mode == "compiled" else self.model
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One training step; returns its (wall-clock, process CPU) seconds."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = F.cross_entropy(self.fn(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(mode: str, configs: list[Config], rounds: int, warmup: int, clock: str) -> dict[str, dict]:
+    """Median step times of ``configs`` in ``mode``; ratios to plain use ``clock`` ("cpu" or "wall")."""
+    torch.manual_seed(0)
+    base = build_model()
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    times: dict[str, list[tuple[float, float]]] = {c.name: [] for c in configs}
+    with contextlib.ExitStack() as stack:
+        runners = [_Runner(c, base, mode, stack) for c in configs]
+        for r in runners:
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                r.step(x, y)
+            print(f"[{mode}] {r.cfg.name}: warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        for i in range(rounds):
+            # Rotate the order every round so that no configuration always runs first or last.
+            for r in runners[i % len(runners):] + runners[:i % len(runners)]:
+                times[r.cfg.name].append(r.step(x, y))
+    k = 1 if clock == "cpu" else 0
+    plain = median([t[k] for t in times["plain"]])
+    plain_other = median([t[1 - k] for t in times["plain"]])
+    out = {}
+    for c in configs:
+        med = median([t[k] for t in times[c.name]])
+        other = median([t[1 - k] for t in times[c.name]])
+        ratio = med / plain
+        target = c.target.get(mode)
+        out[c.name] = {"clock": clock, "median_s": med, "ratio": ratio, "target": target,
+                       "meets_target": None if target is None else ratio <= target,
+                       f"median_{'wall' if k else 'cpu'}_s": other,
+                       f"ratio_{'wall' if k else 'cpu'}": other / plain_other,
+                       "wall_s": [t[0] for t in times[c.name]], "cpu_s": [t[1] for t in times[c.name]],
+                       "note": c.note}
+        print(f"[{mode}] {c.name:16s} median {med * 1e3:8.1f} ms ({clock})  x{ratio:.3f}"
+              f"  [{'wall' if k else 'cpu'}: x{other / plain_other:.3f}]"
+              + ("" if target is None else f"  (target <= {target}: {'ok' if ratio <= target else 'MISS'})"),
+              flush=True)
+    return out
+
+
+def _table(results: dict[str, dict[str, dict]], clock: str) -> str:
+    other = "wall" if clock == "cpu" else "cpu"
+    rows = [f"| mode | configuration | median step, {clock} (ms) | ratio to plain | target | met "
+            f"| ratio by {other} time |", "|---|---|---:|---:|---:|:---:|---:|"]
+    for mode, res in results.items():
+        for name, r in res.items():
+            tgt = "" if r["target"] is None else f"<= {r['target']}"
+            met = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "**no**")
+            rows.append(f"| {mode} | {name} | {r['median_s'] * 1e3:.1f} | {r['ratio']:.3f} | {tgt} | {met} "
+                        f"| {r[f'ratio_{other}']:.3f} |")
+    notes = [f"- `{c.name}`: {c.note}" for c in CONFIGS]
+    why = (f"Ratios use the median {clock} time per step. Process CPU time is the default because the "
+           "benchmark machine may be shared: other jobs inflate wall-clock times unevenly, but hardly "
+           "the CPU time this single-threaded process spends.")
+    return "\n".join(rows + [""] + notes + ["", why])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS],
+                    choices=[c.name for c in CONFIGS])
+    ap.add_argument("--rounds", type=int, default=15, help="timed steps per configuration and mode")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for all runs)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="time the ratios use: process CPU time (robust on a shared machine) or wall clock")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results/")
+    args = ap.parse_args(argv)
+    if "plain" not in args.configs:
+        args.configs.insert(0, "plain")
+    torch.set_num_threads(args.threads)
+    configs = [c for c in CONFIGS if c.name in args.configs]
+    results = {mode: measure(mode, configs, args.rounds, args.warmup, args.clock) for mode in args.modes}
+    data = {"batch": BATCH, "model": "resnet20 (adaprec.tasks.cifar)" if resnet20 else "resnet20 (fallback)",
+            "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock,
+            "results": results}
+    if not args.no_write:
+        cmd = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results("overhead", data, _table(results, args.clock), cmd.strip())
+    return data
+
+
+if __name__ == "__main__":
+    main()
