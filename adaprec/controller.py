@@ -396,7 +396,11 @@ class Controller:
         self.backend.apply(layers, eval_layers)
         self.cost.set_precisions(layers)
         self._current, self._eval = layers, eval_layers
-        self.history.append(HistoryEntry(self.step_count, self.epoch_index, layers, eval_layers))
+        entry = HistoryEntry(self.step_count, self.epoch_index, layers, eval_layers)
+        if self.history and self.history[-1].step == self.step_count:
+            self.history[-1] = entry  # changed again before the step ran: only the last one counts
+        else:
+            self.history.append(entry)
         self.fire(Event.PRECISION_CHANGED, old=old, new=layers, step=self.step_count)
 
     def _constrain(self, layers: dict[str, Precision]) -> dict[str, Precision]:

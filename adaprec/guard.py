@@ -149,7 +149,9 @@ class DivergenceGuard:
                     ctl.step_count, ", ".join(bad), ", ".join(self.floors[n].short() for n in bad))
         ctl.fire("divergence", step=ctl.step_count, layers=bad,
                  precisions={n: self.floors[n] for n in bad})
-        ctl.refresh(force=True)
+        # The raise applies from the next iteration (this one ran, and is costed, at the old precision):
+        # forgetting the last decision makes the controller re-resolve it, floors included, at the start.
+        ctl._decision = None
 
     @staticmethod
     def _affected(ctl: Controller) -> list[str]:

@@ -24,7 +24,9 @@ How a decision's weight format becomes a storage format (:func:`storage_spec`):
   the backend still rounds that to its min-max grid in each forward; ``int_formats="error"`` refuses.
 
 The compensation is the optimizer's ``comp_format`` (default: as wide as the weight) unless
-``StorageMode(comp_format=...)`` says otherwise (Kahan optimizers only).
+``StorageMode(comp_format=...)`` says otherwise (Kahan optimizers only). Storage follows the training
+decision; a policy's separate evaluation precision only changes the fake-quantized forward in
+``model.eval()``.
 
 Example:
     >>> import torch, adaprec

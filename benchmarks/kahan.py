@@ -177,8 +177,11 @@ def summarise(results: list[dict[str, Any]], task: str, labels: list[str]) -> li
     return rows
 
 
-def goal_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Digits: Kahan with 16-bit / bf16 storage against FP32 master (accuracy in points, memory ratio)."""
+def goal_check(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """Kahan with 16-bit / bf16 storage against FP32 master: the quality gap and the memory ratio.
+
+    Digits: accuracy gap in points (goal <= 0.3). Char LM: perplexity gap (the goal names accuracy
+    only, so there is no threshold)."""
     by = {r["label"]: r for r in rows}
     ref = by.get("FP32 master")
     out = []
@@ -186,10 +189,15 @@ def goal_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = by.get(label)
         if r is None or ref is None:
             continue
-        gap = 100 * (ref["accuracy"] - r["accuracy"])
         ratio = r["bytes_per_param"] / ref["bytes_per_param"]
-        out.append({"label": label, "accuracy_gap_points": gap, "memory_ratio": ratio,
-                    "accuracy_ok": gap <= 0.3, "memory_ok": ratio < 0.5})
+        g: dict[str, Any] = {"task": task, "label": label, "memory_ratio": ratio, "memory_ok": ratio < 0.5}
+        if task == "digits":
+            g["gap"] = 100 * (ref["accuracy"] - r["accuracy"])
+            g["quality_ok"] = g["gap"] <= 0.3
+        else:
+            g["gap"] = r["perplexity"] - ref["perplexity"]
+            g["quality_ok"] = None
+        out.append(g)
     return out
 
 
@@ -222,12 +230,15 @@ def markdown(data: dict[str, Any]) -> str:
                              f"{_fmt(r['perplexity'], r['perplexity_std'])} | {mem} | "
                              f"{r['weight_storage']} |")
         lines.append("")
-    lines += ["### Goal: Kahan, 16-bit storage, within 0.3 points of FP32 master at < half its memory "
-              "(digits)", "", "| configuration | accuracy gap (points) | memory vs FP32 master | accuracy | "
-              "memory |", "|---|---|---|---|---|"]
+    lines += ["### Goal: Kahan, 16-bit storage, within 0.3 points of FP32 master at < half its memory",
+              "", "Gap = FP32 master minus stored (digits: accuracy points, goal <= 0.3); char LM: stored "
+              "minus FP32-master perplexity (no threshold).", "",
+              "| task | configuration | gap | memory vs FP32 master | quality goal | memory goal |",
+              "|---|---|---|---|---|---|"]
+    verdict = {True: "met", False: "missed", None: "n/a"}
     for g in data["goal"]:
-        lines.append(f"| {g['label']} | {g['accuracy_gap_points']:+.2f} | {g['memory_ratio']:.2f} | "
-                     f"{'met' if g['accuracy_ok'] else 'missed'} | {'met' if g['memory_ok'] else 'missed'} |")
+        lines.append(f"| {g['task']} | {g['label']} | {g['gap']:+.2f} | {g['memory_ratio']:.2f} | "
+                     f"{verdict[g['quality_ok']]} | {verdict[g['memory_ok']]} |")
     lines += ["", "## Part 2: the classifier floor", ""]
     for task, rows in data["floor"].items():
         metric = "accuracy" if task == "digits" else "perplexity"
@@ -239,6 +250,18 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
     lines.append(f"Mean ± standard deviation over seeds {data['seeds']}; total wall time "
                  f"{data['wall_time_s']:.0f} s with {data['workers']} worker processes.")
+    lines += ["", "Notes:", "",
+              "- Memory is modelled (packed formats; the simulation keeps float32 tensors). A same-width "
+              "Kahan compensation stores 2n bits per weight: at n = 16 exactly the 32 bits of the FP32 "
+              "master it replaces. With an FP32 optimizer state of S bytes per parameter (SGD momentum 4, "
+              "Adam 8) FP32 master costs 4 + S and 16-bit storage 2 + c + S >= (4 + S) / 2 for any "
+              "compensation c >= 0: no 16-bit storage, compensated or not, gets below half of the "
+              "FP32-master memory unless the optimizer state is stored in low precision too.",
+              f"- The digits test set has {data.get('digits_test_size', 'n/a')} images: one image is "
+              f"{100 / data['digits_test_size']:.2f} points." if data.get("digits_test_size") else
+              "- (digits not run)",
+              "- Part 1 runs with the classifier floor off; part 2 keeps FP32 master weights and 8-bit "
+              "CPT formats elsewhere, so only the classifier's error format differs between its rows."]
     return "\n".join(lines)
 
 
@@ -263,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t in args.tasks:
         data["storage"][t] = summarise(results, t, [c["label"] for c in storage_configs(t)])
         data["floor"][t] = summarise(results, t, [c["label"] for c in floor_configs(t)])
-    data["goal"] = goal_check(data["storage"].get("digits", []))
+    data["goal"] = [g for t in args.tasks for g in goal_check(data["storage"][t], t)]
+    if "digits" in args.tasks:
+        from adaprec.tasks.digits import DigitsTask
+
+        data["digits_test_size"] = len(DigitsTask(**TASKS["digits"]["build"]).y_test)
     md = markdown(data)
     print(md)
     if not args.quick:

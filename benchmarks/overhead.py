@@ -77,6 +77,21 @@ CONFIGS: list[Config] = [
            {}, "as fixed8 without the divergence guard (its per-step gradient check)"),
 ]
 
+# --- issue 8: CPT 3-8/8 and the reference quantizer of the CPT authors -------------------------------
+# A short schedule (period 8 steps) so the timed steps cover every bit-width 3..8 several times. No
+# classifier floor, so the FC cycles too, exactly like the reference.
+from reference_quantizer import ReferenceCPT  # noqa: E402
+
+_CPT = {"bits": (3, 8), "grad_bits": 8, "cycles": 8}
+CONFIGS += [
+    Config("cpt", lambda m, o: adaprec.Controller(m, policy=adaprec.policies.make_policy("cpt", **_CPT),
+                                                  optimizer=o, total_steps=64, classifier_floor=False),
+           {"eager": 1.3, "compiled": 1.15}, "CPT 3-8/8 on all convs and the FC (issue 8 targets)"),
+    Config("cpt-reference", lambda m, o: ReferenceCPT(m, o, total_steps=64, **_CPT), {},
+           "the same CPT 3-8/8 with a straightforward reimplementation of the CPT authors' quantizer "
+           "(benchmarks/reference_quantizer.py; Python-int bits: each new width recompiles when compiled)"),
+]
+
 
 # --- the model -------------------------------------------------------------------------------------
 

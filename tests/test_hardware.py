@@ -335,11 +335,11 @@ def _train(model, policy, batches, *, stop=None, state=None):
 def test_ladder_and_cycle_train_end_to_end():
     vocab, batches = _text_batches(24)
     for policy, expect in ((Ladder(every=8), ["fp8_e4m3/fp8_e5m2", "bf16/bf16", "fp32/fp32"]),
-                           (Cycle(period=6), ["fp8_e4m3/fp8_e5m2", "bf16/bf16"] * 4 + ["fp8_e4m3/fp8_e5m2"])):
+                           (Cycle(period=6), ["fp8_e4m3/fp8_e5m2", "bf16/bf16"] * 4)):
         torch.manual_seed(0)
         model = TinyGPT(vocab)
         ctl, losses, _, calls = _train(model, policy, batches)
-        assert [h.layers["blocks.0.up"].short() for h in ctl.history] == expect
+        assert [h.layers["blocks.0.up"].short() for h in ctl.history if h.step < 24] == expect
         # The default classifier floor keeps the 90-class head at >= 10 bits: FP8 is raised to BF16.
         assert {h.layers["head"].short() for h in ctl.history} <= {"bf16/bf16", "fp32/fp32"}
         assert all(math.isfinite(v) for v in losses)
@@ -431,3 +431,31 @@ def test_muppet_policy_climbs_the_hardware_ladder():
     fp8 = "fp8" if "fp8" in CPU_KERNELS else "fp8-emulated"
     assert calls[fp8] == 3
     assert calls.get("lowp", 0) + calls["sim"] == 6 and calls.get("lowp", 0) in (0, 3)
+
+
+@pytest.mark.parametrize("first, second", [
+    (Precision.uniform("fp8_e4m3"), Precision.cpt(8, 8)),     # SR FP8 errors, then int8
+    (Precision.cpt(8, 8), Precision.uniform("fp8_e4m3")),
+    (FP8, Precision.cpt(8, 8)),
+])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_change_between_forward_and_backward_keeps_the_forwards_format(first, second, kind):
+    torch.manual_seed(0)
+    module, x = (nn.Linear(16, 16), torch.randn(32, 16)) if kind == "linear" else \
+        (nn.Conv2d(2, 4, 3), torch.randn(2, 2, 5, 5))
+    outs = []
+    for change in (False, True):
+        m = copy.deepcopy(module)
+        be = HardwareBackend()
+        be.attach(m, [("l", m)])
+        try:
+            be.apply({"l": first})
+            y = m(x)
+            if change:
+                be.apply({"l": second})  # e.g. ctl.refresh() before loss.backward()
+            torch.manual_seed(3)
+            y.square().sum().backward()
+            outs.append(m.weight.grad)
+        finally:
+            be.detach()
+    assert torch.equal(outs[0], outs[1])

@@ -357,6 +357,18 @@ class CPT(Policy):
                                f"{self._last_recorded + 1} had none (set prt_metric= to a statistic the "
                                "loop observes, or give bits=(B_min, B_max))")
 
+    def signals(self) -> dict[str, float]:
+        """Scalars for loggers: forward and backward bits now, and the phase within the cycle (0..1)."""
+        ctl = getattr(self, "ctl", None)
+        if ctl is None or ctl.total_steps is None:
+            return {}
+        b, g = self.bits_at(ctl.step_count, ctl.total_steps)
+        out = {"bits": float(b), "grad_bits": float(g)}
+        if self.bounds is not None and ctl.step_count >= self.start:
+            period = _period(ctl.total_steps, self.cycles, self.start)
+            out["cycle_phase"] = ((ctl.step_count - self.start) % period) / period
+        return out
+
     def prt_result(self) -> Any:
         """The range test's :class:`~adaprec.prt.PRTResult` once it has finished, else ``None``."""
         if self.test is None or not self.test.done:

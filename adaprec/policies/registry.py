@@ -134,6 +134,8 @@ def load_recipe(path: str | Path) -> tuple[str, dict[str, Any]]:
     name = data.get("policy")
     if not isinstance(name, str):
         raise ValueError(f"recipe {str(p)!r} needs a string 'policy' key naming a registered policy")
+    if not isinstance(data.get("description", ""), str):
+        raise ValueError(f"recipe {str(p)!r}: 'description' must be a string, got {data['description']!r}")
     params = data.get("params", {})
     if not isinstance(params, dict):
         raise ValueError(f"recipe {str(p)!r}: 'params' must be a table")
