@@ -132,8 +132,9 @@ class StorageMode:
             ``"error"`` refuses such policies (module docstring).
 
     :attr:`formats` maps each stored layer to its storage format; :attr:`resplits` counts the
-    layer re-splits done. Per-layer formats are per-parameter overrides in the optimizer
-    (:meth:`~adaprec.optim.KahanSGD.set_param_format`), saved with ``opt.state_dict()``.
+    layer format changes applied (the first split of each layer included). Per-layer formats are
+    per-parameter overrides in the optimizer (:meth:`~adaprec.optim.KahanSGD.set_param_format`),
+    saved with ``opt.state_dict()``.
 
     Example:
         >>> StorageMode(int_formats="error")
@@ -234,7 +235,7 @@ class StorageMode:
                     per_param[id(w)] = (w, spec)
         # The compensation: this mode's comp_format, else the one the optimizer group was built with
         # (None there too: as wide as the weight).
-        group_comp = {id(p): g["comp_format"] for g in opt.param_groups for p in g["params"]}
+        group_comp = {id(p): g.get("comp_format") for g in opt.param_groups for p in g["params"]}
         wanted: dict[tuple[str, str | None], list[Tensor]] = {}
         for w, spec in per_param.values():
             comp = self.comp_format
