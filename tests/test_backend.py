@@ -178,13 +178,14 @@ def test_policy_eval_decision_applies_in_eval_mode() -> None:
 
 def test_bits_change_in_place() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
-    with adaprec.Controller(model, policy=Fixed(bits=4)) as ctl:
+    with adaprec.Controller(model, policy=Fixed(bits=4), classifier_floor=False) as ctl:
         q = ctl.backend.sites["0"].train.weight
         p_obj = q.p
+        ctl.step()
         ctl.policy._decision = Decision.uniform(Precision.cpt(6, 8))
         ctl.refresh()
         assert q.p is p_obj and q.p[0].item() == 63.0
-        assert ctl.history[-1].summary() == "int6/int8" and len(ctl.history) == 2
+        assert [(h.step, h.summary()) for h in ctl.history] == [(0, "int4/int4"), (1, "int6/int8")]
 
 
 # --- regressions: layer kinds and calling conventions ----------------------------------------------
