@@ -17,7 +17,8 @@ Stochastic rounding uses ``floor(v + r)`` with ``r ~ U(0, 1)``, which has the sa
 ``r = (u + 0.5) / 2^16`` with ``u`` uniform on ``0..2^16-1``, cut from 64-bit random words: four noise
 values per generator draw make it about 4x cheaper than ``torch.rand_like``, and the bias it leaves is at
 most 2^-17 of a grid step (``rand_like``'s own floats have 24 bits). ``torch.compile`` calls the same
-generator (an opaque custom op), so compiled and eager CPU code draw identical noise. On other devices
+generator (opaque custom ops), so compiled and eager CPU code draw the same noise words (which element
+gets which word follows the memory layout, which Inductor may choose differently). On other devices
 the noise is ``torch.rand_like`` (fused and cheap there). Both draw from torch's global generator,
 so seeding and ``Controller`` resumes reproduce them.
 
@@ -28,6 +29,8 @@ through the straight-through wrappers of :mod:`adaprec.quant.site`) gets the sam
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
@@ -40,11 +43,17 @@ _NOISE_SCALE = 2.0**-16
 _NOISE_OFFSET = 0.5 + 2.0**-17  # int16 lanes are -2^15..2^15-1: shift them to (u + 0.5) / 2^16
 
 
+def _lanes_stride(like: Tensor) -> tuple[int, ...]:
+    # ``like``'s own strides when it is dense (e.g. channels_last conv gradients), else contiguous ones:
+    # compiled code then walks noise and values in the same order (a transposed read is not vectorized).
+    return torch.empty_like(like, dtype=torch.int16, device="meta").stride()
+
+
 def _noise_lanes_impl(like: Tensor) -> Tensor:
     n = like.numel()
     # random_(-2^63, None) fills all 64 bits; each word gives four independent 16-bit lanes.
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(2**63), None)
-    return words.view(torch.int16)[:n].view(like.shape)
+    return words.view(torch.int16)[:n].as_strided(like.shape, _lanes_stride(like))
 
 
 # An opaque op, so that torch.compile calls it as it is instead of inlining it: Inductor's own CPU random
@@ -55,19 +64,62 @@ try:
                                            tags=(torch.Tag.nondeterministic_seeded,))
 except TypeError:  # torch < 2.5: no tags argument
     _noise_lanes = torch.library.custom_op("adaprec::noise_lanes", _noise_lanes_impl, mutates_args=())
-_noise_lanes.register_fake(lambda like: like.new_empty(like.shape, dtype=torch.int16))
+_noise_lanes.register_fake(lambda like: like.new_empty_strided(like.shape, _lanes_stride(like),
+                                                               dtype=torch.int16))
+
+
+_SCRATCH = threading.local()
+_SCRATCH_MAX = 1 << 24  # elements (64 MiB of float32); larger noise converts into a fresh tensor
+
+
+def _lanes_as_float(lanes: Tensor) -> Tensor:
+    """The int16 lanes as float32, in a per-thread scratch buffer reused from call to call.
+
+    Adding int16 to float32 directly makes PyTorch convert into a fresh float32 tensor first; on the CPU
+    every fresh activation-sized tensor costs page faults (about 4 ms per 2M values, ~45 ms of a
+    ResNet-20 CPT step), while converting into memory already mapped costs ~0.4 ms.
+    """
+    n = lanes.numel()
+    if n > _SCRATCH_MAX or lanes.device.type != "cpu":
+        return lanes.to(torch.float32)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
+    # The lanes are dense (see _lanes_stride), so their strides address exactly n slots of the buffer.
+    return buf.as_strided(lanes.shape, lanes.stride()).copy_(lanes)
 
 
 def add_uniform_noise_(v: Tensor) -> Tensor:
     """Add ``U(0, 1)`` noise to ``v`` in place (see the module docstring for how it is drawn)."""
     if v.device.type != "cpu":
         return v.add_(torch.rand_like(v))
-    return v.add_(_noise_lanes(v), alpha=_NOISE_SCALE).add_(_NOISE_OFFSET)
+    return v.add_(_lanes_as_float(_noise_lanes(v)), alpha=_NOISE_SCALE).add_(_NOISE_OFFSET)
+
+
+def _sr_floor_impl(v: Tensor) -> Tensor:
+    out = torch.empty_like(v)
+    torch.add(v, _lanes_as_float(_noise_lanes_impl(out)), alpha=_NOISE_SCALE, out=out)
+    return out.add_(_NOISE_OFFSET).floor_()
+
+
+# Compiled CPU code rounds stochastically through this opaque op (same noise as eager). Why not the lanes
+# op plus a fused add: Inductor picks the layout of conv gradients (channels_last) *after* tracing, so
+# lanes traced as contiguous are read transposed and the fused kernel is not vectorized (~6x slower, about
+# 8 ms per 2M-value ResNet-20 gradient); here the noise is cut in the layout the values really have.
+try:
+    _sr_floor = torch.library.custom_op("adaprec::sr_floor", _sr_floor_impl, mutates_args=(),
+                                        tags=(torch.Tag.nondeterministic_seeded,))
+except TypeError:  # torch < 2.5: no tags argument
+    _sr_floor = torch.library.custom_op("adaprec::sr_floor", _sr_floor_impl, mutates_args=())
+_sr_floor.register_fake(lambda v: torch.empty_like(v))
 
 
 def _round_(v: Tensor, stochastic: bool) -> Tensor:
-    """Round ``v`` to integers in place: stochastically, or to nearest (half to even, like numpy's rint)."""
+    """Round ``v`` to integers, in place in eager mode: stochastically, or to nearest (half to even,
+    like numpy's rint)."""
     if stochastic:
+        if v.device.type == "cpu" and torch.compiler.is_compiling():
+            return _sr_floor(v)
         return add_uniform_noise_(v).floor_()
     return v.round_()
 
