@@ -201,7 +201,8 @@ def _table(results: dict[str, dict[str, dict]], clock: str) -> str:
             met = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "**no**")
             rows.append(f"| {mode} | {name} | {r['median_s'] * 1e3:.1f} | {r['ratio']:.3f} | {tgt} | {met} "
                         f"| {r[f'ratio_{other}']:.3f} |")
-    notes = [f"- `{c.name}`: {c.note}" for c in CONFIGS]
+    measured = {name for res in results.values() for name in res}
+    notes = [f"- `{c.name}`: {c.note}" for c in CONFIGS if c.name in measured]
     why = (f"Ratios use the median {clock} time per step. Process CPU time is the default because the "
            "benchmark machine may be shared: other jobs inflate wall-clock times unevenly, but hardly "
            "the CPU time this single-threaded process spends.")
