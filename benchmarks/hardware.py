@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -111,8 +110,8 @@ class FormatCycle(Policy):
         self.low, self.high, self.period = Decision.uniform(low), Decision.uniform(high), period
 
     def level(self, t: int) -> int:
-        u = (t % self.period) / self.period
-        return int(0.5 * (1 - math.cos(math.pi * u)) >= 0.5)
+        # The ramp 0.5 * (1 - cos(pi * u)) passes its midpoint at u = 1/2; compare u itself, exactly.
+        return int(2 * (t % self.period) >= self.period)
 
     def decide(self, ctl: Any) -> Decision:
         return self.high if self.level(ctl.step_count) else self.low
