@@ -219,6 +219,7 @@ class Controller:
         self.components: dict[str, Any] = {}  # named stateful helpers (observers, loggers…)
         self._report_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self._steps_at: dict[str, int] = {}
+        self._key = "fp32"  # summary of the precisions in force, kept with the history (not per step)
         self._decision: Decision | None = None
         self._current: dict[str, Precision] | None = None
         self._eval: dict[str, Precision] | None = None
@@ -370,8 +371,7 @@ class Controller:
         self._complete_iteration()
 
     def _complete_iteration(self) -> None:
-        key = self.history[-1].summary() if self.history else "fp32"
-        self._steps_at[key] = self._steps_at.get(key, 0) + 1
+        self._steps_at[self._key] = self._steps_at.get(self._key, 0) + 1
         self.fire(Event.ITERATION_COMPLETED, step=self.step_count)
         self.step_count += 1
         self._start_iteration()
@@ -401,6 +401,7 @@ class Controller:
             self.history[-1] = entry  # changed again before the step ran: only the last one counts
         else:
             self.history.append(entry)
+        self._key = entry.summary()
         self.fire(Event.PRECISION_CHANGED, old=old, new=layers, step=self.step_count)
 
     def _constrain(self, layers: dict[str, Precision]) -> dict[str, Precision]:
@@ -498,6 +499,7 @@ class Controller:
         hist = list(self.history)  # a copy: _apply appends to self.history
         self._apply(self.policy.decide(self), force=True)
         self.history = hist
+        self._key = hist[-1].summary() if hist else "fp32"
 
 
 def _world_size() -> int:
