@@ -17,7 +17,7 @@ Example:
     >>> FloatFormat("fp8_e4m3").quantize(x)[2].item() == x[2].item()  # scaled: the top value is exact
     True
     >>> FloatFormat("fp8_e4m3", scaled=False).quantize(x)[0].item()   # raw grid: subnormal territory
-    0.0009765625
+    0.001953125
 """
 
 from __future__ import annotations

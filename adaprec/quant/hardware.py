@@ -66,7 +66,7 @@ Example:
     >>> be = HardwareBackend()
     >>> be.attach(model, [("0", model[0]), ("2", model[2])])
     ['0', '2']
-    >>> be.apply({"0": hardware_precision("fp8"), "2": Precision.cpt(4, 8)})
+    >>> be.apply({"0": hardware_precision("fp8"), "2": Precision.cpt(12, 8)})
     >>> {n: r.kind for n, (r, _) in be.routes().items()}
     {'0': 'fp8', '2': 'sim'}
     >>> model(torch.randn(4, 32)).shape
@@ -153,8 +153,8 @@ def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> 
         >>> lin = torch.nn.Linear(4, 4)
         >>> route_for(hardware_precision("fp8"), lin, set()).kernel  # no _scaled_mm: emulated FP8
         False
-        >>> [route_for(Precision.cpt(b, 8), lin, {"int8"}).kind for b in (8, 6)]
-        ['int8', 'sim']
+        >>> [route_for(Precision.cpt(b, 8), lin, {"int8"}).kind for b in (8, 3, 12)]
+        ['int8', 'int8', 'sim']
     """
     ok = set(kernels_ok)
     is_linear = isinstance(module, nn.Linear)
