@@ -61,9 +61,8 @@ class HistoryEntry:
 def _allow_in_checkpoints() -> None:
     # ctl.state_dict() holds these frozen dataclasses (history, guard floors); allow-listing them lets
     # torch.load's default weights_only=True read a checkpoint that contains it.
-    from .formats import FP32, FixedPoint, FloatFormat, IntFormat
-
-    torch.serialization.add_safe_globals([HistoryEntry, Precision, IntFormat, FixedPoint, FloatFormat, FP32])
+    # (Every registered format class is allow-listed by adaprec.formats.register_format.)
+    torch.serialization.add_safe_globals([HistoryEntry, Precision])
 
 
 _allow_in_checkpoints()

@@ -5,7 +5,8 @@ per-tensor scaled) and ``FP32``. Properties: nearest rounding is idempotent, eve
 format's grid inside its representable range (stochastic rounding too), nearest rounding is monotone,
 and stochastic rounding is unbiased (a statistical bound: 6 standard deviations plus the
 2^-17-of-a-step resolution of the CPU noise, see :mod:`adaprec.formats.rounding`). The example-based
-tests of the same formats are in ``test_formats.py``; the per-cycle bounds of ``cycle_bits`` in ``test_cpt.py``.
+tests of the same formats are in ``test_formats.py``; the
+per-cycle bounds of ``cycle_bits`` in ``test_cpt.py``.
 
 Example counts are kept small (the whole file runs in a few seconds); ``derandomize`` makes every run
 draw the same examples, so a CI failure reproduces.

@@ -262,6 +262,9 @@ def register_format(cls: type[Format]) -> type[Format]:
         raise TypeError(f"register_format takes a Format subclass, got {cls!r}")
     if cls not in _KINDS:
         _KINDS.insert(0, cls)
+        # Controller checkpoints hold formats (history, guard floors): allow-list the class so that
+        # torch.load's default weights_only=True reads them.
+        torch.serialization.add_safe_globals([cls])
     return cls
 
 
