@@ -38,7 +38,9 @@ def test_constraints_apply_to_the_reference_too():
     r = _run(Fixed(bits=8, grad_bits=8), constraints=[Floor("first", 12)])
     assert r["savings_vs_reference"] == pytest.approx(0.0, abs=1e-12)
     cpt = _run(CPT(bits=(3, 8), grad_bits=8, cycles=1), classes=10, constraints=[Floor("first", 12)])
-    assert 0 < cpt["savings_vs_reference"] < cpt["savings_vs_reference_ideal"] + 0.2
+    # Against the real static run (layer 0 at 12 bits there too) CPT saves; the ideal all-8-bit run
+    # would make it look more expensive than it is.
+    assert cpt["savings_vs_reference"] > 0 > cpt["savings_vs_reference_ideal"]
 
 
 @pytest.mark.parametrize("ref", ["int8", 8, Precision.cpt(8, 8)])
