@@ -188,7 +188,9 @@ def test_optuna_study_over_the_plugin_format():
 
     def train_fn(policy, report):
         ctl, model = _run(policy, steps=3)
-        return {"val_loss": float(F.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 10, (8,)))),
+        with torch.no_grad():
+            val = float(F.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 10, (8,))))
+        return {"val_loss": val,
                 "gbitops": ctl.report()["gbitops"]}
 
     metrics = ("val_loss", "gbitops")

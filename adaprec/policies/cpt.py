@@ -183,7 +183,9 @@ class _Ladder:
         usage = (f"{name} must be an integer bit-width 1..32, a (B_min, B_max) pair of them, or one format / "
                  f"a (low, high) pair of formats such as ('mxfp4', 'mxfp8')")
         specs = list(value) if isinstance(value, tuple | list) else [value, value]
-        if len(specs) != 2 or any(isinstance(v, float | bool) for v in specs):
+        if any(isinstance(v, int | float | np.number) for v in specs):
+            _check_pair(name, value)  # numbers that are not all integer bit-widths: say which one is wrong
+        if len(specs) != 2:
             raise ValueError(f"{usage}; got {value!r}")
         self.offset = 0
         try:
