@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..formats import FP32, Format, Precision
-from . import kernels
+from ..formats import FP32, Format, Precision, run_kernel
 
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
 
@@ -21,23 +20,23 @@ class _STE(torch.autograd.Function):
     """Quantize in the forward, pass the gradient straight through."""
 
     @staticmethod
-    def forward(ctx, x, kind, p, per_channel, stochastic, lo, hi):  # noqa: D102
-        return kernels.quantize(x, kind, p, per_channel, stochastic, lo, hi)
+    def forward(ctx, x, kernel, spec, p, lo, hi, axis, rng):  # noqa: D102
+        return run_kernel(kernel, x, p, spec, lo, hi, axis, rng)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
-        return g, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None
 
 
 class _GradQuant(torch.autograd.Function):
     """Identity in the forward; quantize the incoming gradient (the layer's error) in the backward."""
 
     @staticmethod
-    def forward(ctx, x, kind, p, stochastic):  # noqa: D102
-        ctx.kind, ctx.stochastic = kind, stochastic
-        # A copy of the 3 numbers: the backward uses the format of the forward it belongs to, even if
-        # the controller changes bits in place before ``loss.backward()`` (saving ``p`` itself would
-        # make autograd fail with "modified by an inplace operation").
+    def forward(ctx, x, kernel, spec, p, axis, rng):  # noqa: D102
+        ctx.kernel, ctx.spec, ctx.axis, ctx.rng = kernel, spec, axis, rng
+        # A copy of the numbers: the backward uses the format of the forward it belongs to, even if the
+        # controller changes bits in place before ``loss.backward()`` (saving ``p`` itself would make
+        # autograd fail with "modified by an inplace operation").
         ctx.save_for_backward(p.clone())
         # A detached alias, not ``view_as``: autograd forbids in-place ops on views returned by a custom
         # Function, and layers are commonly followed by ``ReLU(inplace=True)``. The alias shares the
@@ -47,27 +46,31 @@ class _GradQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         (p,) = ctx.saved_tensors
-        return kernels.quantize(g, ctx.kind, p, False, ctx.stochastic), None, None, None
+        q = run_kernel(ctx.kernel, g, p, ctx.spec, None, None, ctx.axis, ctx.rng)
+        return q, None, None, None, None, None
 
 
-def ste(x: Tensor, kind: str, p: Tensor, per_channel: bool, stochastic: bool,
-        lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
-    """Fake-quantize ``x`` with a straight-through gradient."""
-    return _STE.apply(x, kind, p, per_channel, stochastic, lo, hi)
+def ste(x: Tensor, fmt_kernel, spec, p: Tensor, lo: Tensor | None = None, hi: Tensor | None = None,
+        axis: int = -1, rng: int = 0) -> Tensor:
+    """Fake-quantize ``x`` with a format kernel and a straight-through gradient."""
+    return _STE.apply(x, fmt_kernel, spec, p, lo, hi, axis, rng)
 
 
-def quantize_grad(x: Tensor, kind: str, p: Tensor, stochastic: bool) -> Tensor:
+def quantize_grad(x: Tensor, fmt_kernel, spec, p: Tensor, axis: int = -1, rng: int = 0) -> Tensor:
     """Return ``x`` unchanged; the gradient flowing back through it is quantized."""
-    return _GradQuant.apply(x, kind, p, stochastic)
+    return _GradQuant.apply(x, fmt_kernel, spec, p, axis, rng)
 
 
 class Quantizer:
     """One role (weight, activation or gradient) of one layer.
 
-    The format's numbers live in the 3-element tensor ``p`` and are overwritten in place; ``kind``,
-    ``per_channel`` and ``stochastic`` are Python values (changing them changes the traced program).
-    Activation quantizers with ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that
-    eval mode uses instead of the batch range (METHODS.md §1.2).
+    The format's numbers (:meth:`~adaprec.formats.Format.params`) live in the tensor ``p`` and are
+    overwritten in place when only they change; the format's kernel and static options
+    (:meth:`~adaprec.formats.Format.kernel_spec`) are Python values (changing them changes the traced
+    program). ``axis`` is the dimension along which the layer's product reduces (block-scaled formats put
+    their blocks there); ``rng`` the stochastic-rounding generator key. Activation quantizers with
+    ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that eval mode uses instead of the batch
+    range, for formats that read one (:attr:`~adaprec.formats.Format.uses_range`).
 
     Example:
         >>> import torch
@@ -78,14 +81,19 @@ class Quantizer:
         [0.0, 0.0, 0.6666666865348816, 1.0]
     """
 
-    __slots__ = ("fmt", "kind", "per_channel", "stochastic", "p", "range", "seen", "momentum")
+    __slots__ = ("fmt", "kernel", "spec", "active", "ranged", "p", "axis", "rng", "range", "seen",
+                 "momentum")
 
-    def __init__(self, device: torch.device, track_range: bool = False, momentum: float = 0.9) -> None:
+    def __init__(self, device: torch.device, track_range: bool = False, momentum: float = 0.9,
+                 axis: int = -1) -> None:
         self.fmt: Format = FP32()
-        self.kind = "fp32"
-        self.per_channel = False
-        self.stochastic = False
-        self.p = torch.zeros(3, device=device)
+        self.kernel = FP32.kernel
+        self.spec = self.fmt.kernel_spec()
+        self.active = False
+        self.ranged = False
+        self.p = torch.zeros(1, device=device)
+        self.axis = axis
+        self.rng = 0
         self.range = torch.zeros(2, device=device) if track_range else None
         self.seen = torch.zeros((), dtype=torch.bool, device=device) if track_range else None
         self.momentum = momentum
@@ -94,27 +102,36 @@ class Quantizer:
         if fmt == self.fmt:
             return
         self.fmt = fmt
-        self.kind = fmt.kind
-        self.per_channel = fmt.per_channel
-        self.stochastic = fmt.stochastic
-        self.p.copy_(torch.tensor(fmt.params(), dtype=self.p.dtype))
+        self.kernel = type(fmt).kernel
+        self.spec = fmt.kernel_spec()
+        self.active = not fmt.is_identity
+        self.ranged = self.range is not None and fmt.uses_range
+        params = torch.tensor(fmt.params(), dtype=self.p.dtype)
+        if params.shape == self.p.shape:
+            self.p.copy_(params)  # in place: compiled code reading p sees the new numbers, no recompile
+        else:
+            self.p = params.to(self.p.device)
 
     @property
-    def active(self) -> bool:
-        return self.kind != "fp32"
+    def stochastic(self) -> bool:
+        return self.fmt.stochastic
+
+    @property
+    def per_channel(self) -> bool:
+        return self.fmt.per_channel
 
     def __call__(self, x: Tensor, training: bool = True) -> Tensor:
         """Fake-quantize ``x`` (STE)."""
-        if self.range is not None and self.kind == "int" and not self.per_channel:
+        if self.ranged:
             lo, hi = self._range(x, training)
-            return ste(x, self.kind, self.p, False, self.stochastic, lo, hi)
-        return ste(x, self.kind, self.p, self.per_channel, self.stochastic)
+            return ste(x, self.kernel, self.spec, self.p, lo, hi, self.axis, self.rng)
+        return ste(x, self.kernel, self.spec, self.p, None, None, self.axis, self.rng)
 
     def grad(self, y: Tensor) -> Tensor:
         """Mark ``y`` so that the gradient flowing back into it is quantized."""
         if not y.requires_grad:
             return y
-        return quantize_grad(y, self.kind, self.p, self.stochastic)
+        return quantize_grad(y, self.kernel, self.spec, self.p, self.axis, self.rng)
 
     @torch.no_grad()
     def _range(self, x: Tensor, training: bool) -> tuple[Tensor, Tensor]:
@@ -141,10 +158,10 @@ class Quantizer:
 class _Roles:
     __slots__ = ("weight", "activation", "gradient", "precision")
 
-    def __init__(self, device: torch.device, track_range: bool) -> None:
-        self.weight = Quantizer(device)
-        self.activation = Quantizer(device, track_range=track_range)
-        self.gradient = Quantizer(device)
+    def __init__(self, device: torch.device, track_range: bool, axis: int = -1) -> None:
+        self.weight = Quantizer(device, axis=axis)
+        self.activation = Quantizer(device, track_range=track_range, axis=axis)
+        self.gradient = Quantizer(device, axis=axis)
         self.precision = Precision.fp32()
 
     def set(self, prec: Precision) -> None:
@@ -164,16 +181,19 @@ class LayerSite:
         >>> import torch
         >>> site = LayerSite("fc", torch.nn.Linear(4, 2))
         >>> site.set(Precision.cpt(4, 8))
-        >>> site.train.weight.kind, site.eval.weight.kind
-        ('int', 'int')
+        >>> site.train.weight.fmt.short(), site.eval.weight.active
+        ('int4', True)
     """
 
     def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None) -> None:
         self.name = name
         self.module = module
         device = next(module.parameters()).device
-        self.train = _Roles(device, track_range=True)
-        self.eval = _Roles(device, track_range=False)
+        # The reduction dimension of the layer's products (block-scaled formats block along it): the
+        # channel dimension of convolution tensors, the feature (last) dimension of everything else.
+        axis = 1 if isinstance(module, torch.nn.modules.conv._ConvNd) else -1
+        self.train = _Roles(device, track_range=True, axis=axis)
+        self.eval = _Roles(device, track_range=False, axis=axis)
         # Eval mode reads the running range collected by the training activation quantizer.
         self.eval.activation.range = self.train.activation.range
         self.eval.activation.seen = self.train.activation.seen
@@ -185,6 +205,12 @@ class LayerSite:
     def set(self, train: Precision, eval: Precision | None = None) -> None:
         self.train.set(train)
         self.eval.set(train if eval is None else eval)
+
+    def set_rng(self, key: int) -> None:
+        """Draw stochastic rounding from the generator ``key`` (:mod:`adaprec.formats.rounding`)."""
+        for roles in (self.train, self.eval):
+            for q in (roles.weight, roles.activation, roles.gradient):
+                q.rng = key
 
     def count(self, macs: int) -> None:
         """Add one training forward's multiply-accumulates (an in-place add: no sync, no guard)."""
