@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -529,11 +530,10 @@ def _average_over_ranks(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_compiled(model: nn.Module) -> bool:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except Exception:  # pragma: no cover - torch without dynamo
-        return False
-    return isinstance(model, OptimizedModule)
+    # A compiled model exists only once torch._dynamo has been imported; importing it just to check
+    # would cost about a second per process, so look it up instead.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 def _quantizable_types():

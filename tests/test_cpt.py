@@ -212,7 +212,7 @@ def test_registered_with_paper_defaults():
 
 @pytest.mark.parametrize("name,bits", [("cpt-cifar.toml", [3, 8]), ("cpt-imagenet.toml", [4, 8])])
 def test_recipes_reproduce_paper_configs(name, bits):
-    p = make_policy(str(ROOT / "policies" / name))
+    p = make_policy(str(ROOT / "adaprec" / "recipes" / name))
     assert p.config() == {"bits": bits, "grad_bits": 8, "cycles": 32, "profile": "cos", "shape": "growth"}
 
 

@@ -31,7 +31,7 @@ __all__ = ["add_tune_parser", "run_tune", "main"]
 
 def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``tune`` sub-command to an ``argparse`` sub-parsers object; returns its parser."""
-    from .storage import DEFAULT_STORAGE
+    from . import DEFAULT_STORAGE
 
     p = subparsers.add_parser(
         "tune", help="tune a policy's knobs with Optuna (multi-objective, resumable, distributed)",
