@@ -32,7 +32,7 @@ import numpy as np
 
 from .tensorboard import read_scalars
 
-__all__ = ["find_runs", "plot_run", "plot_runs", "plot_prt", "final_metric", "layer_bits",
+__all__ = ["find_runs", "plot_run", "plot_runs", "compare_figure", "plot_prt", "final_metric", "layer_bits",
            "METRIC_CANDIDATES"]
 
 Series = list[tuple[int, float]]
@@ -272,6 +272,12 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     runs = find_runs(run_dirs)
     if len(runs) == 1 and metric is None:
         return plot_run(runs[0], out)
+    return _save(compare_figure(runs, metric), out)
+
+
+def compare_figure(runs: Sequence[Path], metric: str | None = None) -> Any:
+    """The matplotlib ``Figure`` :func:`plot_runs` saves for several runs (to draw it elsewhere)."""
+    runs = list(runs)
     data = [read_scalars(r) for r in runs]
     labels = _run_labels(runs)
     # Final metric vs cost, grouped by metric so that different quantities never share an axis.
@@ -322,7 +328,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         a.set_ylabel(ylab)
         if a.get_legend_handles_labels()[0] and len(runs) <= 12:
             a.legend(fontsize=7)
-    return _save(fig, out)
+    return fig
 
 
 def plot_prt(result: Any, out: str | os.PathLike[str]) -> Path:

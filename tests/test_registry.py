@@ -181,7 +181,7 @@ def test_old_checkout_recipe_paths_still_work(tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)
     assert make_policy("policies/cpt-cifar.toml").config() == make_policy("cpt-cifar").config()
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
-    with adaprec.Controller(model, policy="policies/cpt-imagenet.toml", total_steps=64) as ctl:
+    with adaprec.Controller(model, policy="policies/cpt-imagenet.toml", total_steps=320) as ctl:
         pass
     assert ctl.policy.config()["bits"] == [4, 8]
     # ...but only for shipped names in a folder called policies: other missing paths are an error.

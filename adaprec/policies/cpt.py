@@ -194,11 +194,11 @@ class CPT(Policy):
     Example:
         >>> import torch, adaprec
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        >>> with adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=2), total_steps=8) as ctl:
-        ...     for _ in range(8):
+        >>> with adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=2), total_steps=10) as ctl:
+        ...     for _ in range(10):
         ...         _ = model(torch.randn(2, 4)); ctl.step()
         >>> [h.layers["0"].weight.bits for h in ctl.history]
-        [3, 4, 6, 7, 3, 4, 6, 7]
+        [3, 5, 6, 8, 3, 5, 6, 8]
         >>> ctl.history[0].layers["2"].weight.bits  # the controller's classifier floor (METHODS.md §3.2)
         4
     """
@@ -281,11 +281,31 @@ class CPT(Policy):
             extra = f" minus up to {reserve} range-test iterations" if reserve else ""
             raise ValueError(f"cycles ({self.cycles}) must not exceed total_steps ({total}){extra}: each "
                              "cycle needs at least one iteration; lower cycles or train longer")
+        if self.test is None:
+            self._warn_if_short(total, stacklevel=4)  # the user's with line: enter -> attach -> here
         super().attach(ctl)
         self._handles = [ctl.on(Event.ITERATION_COMPLETED, self._on_iteration)]
         if self.test is not None:
             self._handles.append(ctl.on(Event.METRICS_OBSERVED, self._on_metrics))
         ctl.add_report_section("cpt", self._report)
+
+    def _warn_if_short(self, total: int, stacklevel: int) -> None:
+        """Warn when a cycle is too short for the rounded schedule ever to reach the upper bound (say
+        ``cycles=32`` over 140 iterations: 4 iterations per cycle, the cosine ramp peaks at 7 of 8 bits),
+        which silently trains at lower precision than asked."""
+        period = _period(total, self.cycles, self.start)
+        for what, (lo, hi) in (("forward", self.bounds), ("backward", self.grad_bits)):
+            peak = max(cycle_bits(period, lo, hi, self.profile, self.shape))
+            if peak >= hi:
+                continue
+            need = next(p for p in range(period + 1, total + 2)
+                        if max(cycle_bits(p, lo, hi, self.profile, self.shape)) >= hi)
+            most = (total - self.start) // need
+            fix = f"use cycles <= {most}" if most >= 1 else "use fewer cycles"
+            warnings.warn(f"CPT: {self.cycles} cycles over {total - self.start} iterations last {period} "
+                          f"iteration(s) each, too short for the {self.profile} ramp to reach the {what} "
+                          f"B_max of {hi} bits (it peaks at {peak}); {fix} or train for at least "
+                          f"{need * self.cycles + self.start} iterations", stacklevel=stacklevel)
 
     def detach(self) -> None:
         for h in self._handles:
@@ -335,6 +355,8 @@ class CPT(Policy):
         ended = self.test.record(float(value.detach()) if hasattr(value, "detach") else float(value))
         if ended:
             self.start = self.test.steps
+            if self.test.found:
+                self._warn_if_short(ctl.total_steps, stacklevel=3)
             if not self.test.found:
                 warnings.warn(f"CPT(bits='auto'): the precision range test found no precision from "
                               f"{self.test.start_bits} to {self.bits[1]} bits where {self.prt_metric!r} "
