@@ -306,7 +306,7 @@ class Precision:
         return max(self.weight.bits, self.activation.bits)
 
     def relative_cost(self) -> float:
-        """BitOPs of one step relative to FP32 (METHODS.md §1.4, generalised to w != a bits)."""
+        """BitOPs of one step relative to FP32 (docs/methods.md#bitops, generalised to w != a bits)."""
         w, a, g = self.weight.bits, self.activation.bits, self.gradient.bits
         return (w * a + g * w + g * a) / (3 * 32**2)
 

@@ -25,8 +25,9 @@ def _build_wheel(tmp_path: Path) -> Path:
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "adaprec", src / "adaprec", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path / "dist"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                           "--no-index", "-q", "-w", str(out)], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "--no-index",
+           "-q", "-w", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheels = list(out.glob("adaprec-*.whl"))
     assert len(wheels) == 1, wheels
@@ -53,9 +54,9 @@ def test_recipes_work_by_name_from_the_installed_wheel(wheel: Path, tmp_path: Pa
     # checkout around it, so only the package's own files can be found.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import adaprec, adaprec.policies as P; assert adaprec.__file__.startswith(%r), adaprec.__file__; "
+    code = (f"import adaprec, adaprec.policies as P; assert adaprec.__file__.startswith({str(site)!r}); "
             "print(sorted(P.list_recipes()), P.make_policy('cpt-cifar').config()['bits'], "
-            "P.make_policy('policies/cpt-imagenet.toml').config()['bits'])" % str(site))
+            "P.make_policy('policies/cpt-imagenet.toml').config()['bits'])")
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -1,10 +1,11 @@
-"""Cyclic Precision Training (CPT, Fu et al., ICLR 2021; METHODS.md §1) and its generalised schedules.
+"""Cyclic Precision Training (CPT, Fu et al., ICLR 2021) and its generalised schedules
+(docs/methods.md#cpt-schedule).
 
 The forward precision (weights and activations) cycles between ``B_min`` and ``B_max`` many times
 during training; the backward precision (errors) uses the same formula with its own bounds, which in
 every published run are equal, i.e. constant.
 
-Schedule (exactly the released code's, METHODS.md §1.1): ``P = floor(total_steps / cycles)``,
+Schedule (exactly the released code's, docs/methods.md#cpt-schedule): ``P = floor(total_steps / cycles)``,
 ``u = (t mod P) / P`` for the 0-based iteration ``t`` and, for the paper's cosine growth,
 ``bits(t) = rint(B_min + 0.5 (B_max - B_min)(1 - cos(pi u)))`` with numpy's round-half-to-even.
 When ``total_steps`` is not a multiple of ``cycles`` the last ``total_steps - cycles * P`` iterations
@@ -199,7 +200,7 @@ class CPT(Policy):
         ...         _ = model(torch.randn(2, 4)); ctl.step()
         >>> [h.layers["0"].weight.bits for h in ctl.history]
         [3, 5, 6, 8, 3, 5, 6, 8]
-        >>> ctl.history[0].layers["2"].weight.bits  # the controller's classifier floor (METHODS.md §3.2)
+        >>> ctl.history[0].layers["2"].weight.bits  # the classifier floor, docs/methods.md#classifier-floor
         4
     """
 

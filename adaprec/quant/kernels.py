@@ -141,7 +141,7 @@ def int_quantize(
     lo: Tensor | None = None,
     hi: Tensor | None = None,
 ) -> Tensor:
-    """Asymmetric uniform min-max quantization (SBM / CPT, METHODS.md §1.2).
+    """Asymmetric uniform min-max quantization (SBM / CPT, docs/methods.md#sbm-quantizer).
 
     ``q = clamp(round((x - min) / scale), 0, qmax)``, ``x_q = q * scale + min`` with
     ``scale = max((max - min) / qmax, 1e-8)``. ``lo``/``hi`` replace the batch range (eval mode).
@@ -158,7 +158,8 @@ def int_quantize(
 
 
 def fixed_quantize(x: Tensor, p: Tensor, stochastic: bool = True) -> Tensor:
-    """Dynamic fixed point with MuPPET's per-tensor power-of-two scale (METHODS.md §2.1), saturating.
+    """Dynamic fixed point with MuPPET's per-tensor power-of-two scale, saturating
+    (docs/methods.md#dynamic-fixed-point).
 
     ``s = floor(log2(min(|(2^(WL-1) - 0.5) / max(X)|, |(-2^(WL-1) - 0.5) / min(X)|)))``;
     ``X_q = clamp(round(X * 2^s), -2^(WL-1), 2^(WL-1) - 1) * 2^-s``. Unlike the released code the

@@ -67,7 +67,7 @@ class Quantizer:
     The format's numbers live in the 3-element tensor ``p`` and are overwritten in place; ``kind``,
     ``per_channel`` and ``stochastic`` are Python values (changing them changes the traced program).
     Activation quantizers with ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that
-    eval mode uses instead of the batch range (METHODS.md §1.2).
+    eval mode uses instead of the batch range (docs/methods.md#sbm-quantizer).
 
     Example:
         >>> import torch
