@@ -9,6 +9,7 @@ Every measurement runs in a fresh Python process (an import is only slow the fir
   third-party packages it pulls in that torch does not);
 * ``adaprec --help`` and ``adaprec policies`` (as ``python -m adaprec.cli ...``) — wall time of a command
   that does no training;
+* the first ``adaprec.Controller(...)`` of a process, right after the import (what else it imports);
 * which optional heavy packages (optuna, tensorboard, matplotlib, scikit-learn, …) ``import adaprec``
   loads, and whether ``adaprec.optim`` is reachable right after it.
 
@@ -55,7 +56,11 @@ try:
     ok = hasattr(adaprec.optim, "KahanSGD")
 except AttributeError:
     ok = False
-print(json.dumps({{"import_s": dt, "loaded": loaded, "optim_reachable": ok}}))
+import torch
+t = time.perf_counter()
+adaprec.Controller(torch.nn.Linear(2, 2))  # the first controller of a process (not entered)
+ctl_s = time.perf_counter() - t
+print(json.dumps({{"import_s": dt, "loaded": loaded, "optim_reachable": ok, "controller_s": ctl_s}}))
 """
 
 
@@ -117,6 +122,7 @@ def measure_tree(tree: Path) -> dict[str, Any]:
         "help_s": _wall([py, "-m", "adaprec.cli", "--help"], tree),
         "policies_s": _wall([py, "-m", "adaprec.cli", "policies"], tree),
         **importtime_share(tree),
+        "controller_s": probe["controller_s"],
         "loaded": probe["loaded"],
         "optim_reachable": probe["optim_reachable"],
     }
@@ -134,7 +140,8 @@ def _export(ref: str, dest: Path) -> Path:
 
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("torch_s", "adaprec_s", "help_s", "policies_s", "adaprec_cumulative_s", "adaprec_modules_self_s")
+    keys = ("torch_s", "adaprec_s", "help_s", "policies_s", "adaprec_cumulative_s", "adaprec_modules_self_s",
+            "controller_s")
     out: dict[str, Any] = {k: median([r[k] for r in rounds]) for k in keys}
     out["adaprec_minus_torch_s"] = out["adaprec_s"] - out["torch_s"]
     out["loaded"] = rounds[-1]["loaded"]
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     trees = {"after": ROOT}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         if args.before:
             trees = {"before": _export(args.before, Path(tmp)), **trees}
@@ -159,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, tree in trees.items():  # alternate, so both see the same machine load
                 rounds[name].append(measure_tree(tree))
     data: dict[str, Any] = {"rounds": args.rounds, "before_ref": args.before,
+                            "load_average_before": list(load_before),
+                            "load_average_after": list(os.getloadavg()),
                             "optional_packages": list(OPTIONAL),
                             **{k: _summary(v) for k, v in rounds.items()}}
     cols = list(trees)
     rows = [("`python -c \"import torch\"`", "torch_s"), ("`python -c \"import adaprec\"`", "adaprec_s"),
             ("adaprec's own share (`-X importtime`, torch already loaded)", "adaprec_cumulative_s"),
             ("  of which adaprec's own modules", "adaprec_modules_self_s"),
-            ("`adaprec --help`", "help_s"), ("`adaprec policies`", "policies_s")]
+            ("`adaprec --help`", "help_s"), ("`adaprec policies`", "policies_s"),
+            ("first `adaprec.Controller(...)` after `import adaprec`", "controller_s")]
     head = "| measurement (median, wall s) | " + " | ".join(cols) + " |"
     md = [head, "|---|" + "---:|" * len(cols)]
     for label, key in rows:
@@ -174,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
               + " | ".join(", ".join(data[c]["loaded"]) or "none" for c in cols) + " |")
     md.append("| `adaprec.optim` reachable after `import adaprec` | "
               + " | ".join("yes" if data[c]["optim_reachable"] else "no" for c in cols) + " |")
-    md += ["", f"{args.rounds} fresh processes per cell, alternating between the trees; OMP_NUM_THREADS=1."]
+    md += ["", f"{args.rounds} fresh processes per cell, alternating between the trees; OMP_NUM_THREADS=1. "
+           f"Load average before/after: {data['load_average_before']} / {data['load_average_after']} "
+           "(a shared machine: absolute times scale with the load, the before/after comparison does not)."]
     text = "\n".join(md)
     print(text)
     if not args.no_write:
