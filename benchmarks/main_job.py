@@ -88,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        cpt = [run_train([], out, f"digits-cpt-{i}") for i in range(args.repeats)]
+        cpt = [run_train([], out, "digits-cpt" if i == 0 else f"digits-cpt-{i}") for i in range(args.repeats)]
         fp32 = run_train(["--policy", "fp32"], out, "digits-fp32")
         fixed = run_train(["--policy", "fixed"], out, "digits-fixed")
         threads = _default_threads()
         many = run_train(["--threads", str(threads)], out, "digits-cpt-threads")
-        report = subprocess.run([sys.executable, "-m", "adaprec.cli", "report", str(out / "digits-cpt-0"),
+        report = subprocess.run([sys.executable, "-m", "adaprec.cli", "report", str(out / "digits-cpt"),
                                  "-o", str(out / "inspect.png")], cwd=out, env=_env(), capture_output=True,
                                 text=True)
         if report.returncode != 0:

@@ -113,6 +113,14 @@ def test_cpt_warns_for_cycled_backward_bits_and_stays_quiet_when_reached() -> No
             pass
 
 
+def test_cpt_warns_when_a_profile_never_rounds_up_to_b_max() -> None:
+    # exp stops 1.8 % of the span short of B_max: with a 30-bit span that rounds down, at any period.
+    with pytest.warns(UserWarning, match=r"exp ramp from 2 to 32 forward bits never rounds up to its B_max "
+                                         r"of 32 \(it peaks at 31\), whatever the number of cycles"):
+        with adaprec.Controller(_model(), policy=CPT(bits=(2, 32), profile="exp"), total_steps=64_000):
+            pass
+
+
 def test_cpt_with_range_test_checks_the_cycles_left_after_the_test() -> None:
     model = _model()
     pol = CPT(bits=("auto", 8), cycles=16, prt_start_bits=4, prt_steps_per_bits=2, prt_window=1,

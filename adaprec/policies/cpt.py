@@ -294,19 +294,44 @@ class CPT(Policy):
         """Warn when a cycle is too short for the rounded schedule ever to reach the upper bound (say
         ``cycles=32`` over 140 iterations: 4 iterations per cycle, the cosine ramp peaks at 7 of 8 bits),
         which silently trains at lower precision than asked."""
+        span = total - self.start
         period = _period(total, self.cycles, self.start)
         for what, (lo, hi) in (("forward", self.bounds), ("backward", self.grad_bits)):
             peak = max(cycle_bits(period, lo, hi, self.profile, self.shape))
             if peak >= hi:
                 continue
-            need = next(p for p in range(period + 1, total + 2)
-                        if max(cycle_bits(p, lo, hi, self.profile, self.shape)) >= hi)
-            most = (total - self.start) // need
-            fix = f"use cycles <= {most}" if most >= 1 else "use fewer cycles"
-            warnings.warn(f"CPT: {self.cycles} cycles over {total - self.start} iterations last {period} "
-                          f"iteration(s) each, too short for the {self.profile} ramp to reach the {what} "
-                          f"B_max of {hi} bits (it peaks at {peak}); {fix} or train for at least "
-                          f"{need * self.cycles + self.start} iterations", stacklevel=stacklevel)
+            need = self._shortest_period_reaching(lo, hi, span)
+            if need is None:
+                msg = (f"CPT: the {self.profile} ramp from {lo} to {hi} {what} bits never rounds up to its "
+                       f"B_max of {hi} (it peaks at {peak}), whatever the number of cycles; use another "
+                       "profile or a smaller span")
+            else:
+                msg = (f"CPT: {self.cycles} cycles over {span} iterations last {period} iteration(s) each, "
+                       f"too short for the {self.profile} ramp to reach the {what} B_max of {hi} bits (it "
+                       f"peaks at {peak}); use cycles <= {span // need} or train for at least "
+                       f"{need * self.cycles + self.start} iterations")
+            warnings.warn(msg, stacklevel=stacklevel)
+
+    def _shortest_period_reaching(self, lo: int, hi: int, limit: int) -> int | None:
+        """The shortest cycle whose rounded schedule reaches ``hi``, at most ``limit`` iterations long.
+
+        Every profile rises with ``z``, and a cycle of ``P`` iterations gets no closer to the top than
+        ``z = (P - 1) / P``, so whether it reaches ``hi`` is monotone in ``P``: a binary search.
+        (A triangular cycle of even length also lands exactly on ``z = 1``; this bound ignores that.)
+        """
+        def reaches(p: int) -> bool:
+            return bool(np.rint(profile_value((p - 1) / p, lo, hi, self.profile)) >= hi)
+
+        if limit < 1 or not reaches(limit):
+            return None
+        a, b = 1, limit  # reaches(b) holds
+        while a < b:
+            mid = (a + b) // 2
+            if reaches(mid):
+                b = mid
+            else:
+                a = mid + 1
+        return a
 
     def detach(self) -> None:
         for h in self._handles:
