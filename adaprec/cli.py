@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import math
@@ -212,11 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         command = args._command
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as cleanup:
             # Warnings are for the person at the terminal: one line each, no source location.
             where = f"{PROG} {command}"
             warnings.showwarning = lambda message, category, *a, **k: print(
                 f"{where}: warning: {message}", file=sys.stderr)
+            args._cleanup = cleanup  # commands register what to undo when they end (thread count)
             code = _COMMANDS[command].run(args)
         return 0 if code is None else int(code)
     except KeyboardInterrupt:
@@ -302,11 +304,17 @@ def _add_threads_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _set_threads(args: argparse.Namespace, task: Any) -> int:
-    """Apply ``--threads`` (or the task's default) to torch; returns the thread count in force."""
+    """Apply ``--threads`` (or the task's default) to torch for the rest of the command; returns the
+    thread count in force. :func:`main` puts the caller's count back afterwards, so calling ``main()``
+    from Python (a notebook, a test) does not change the process's setting."""
     import torch
 
     n = args.threads if args.threads is not None else task.defaults.get("threads")
     if n is not None:
+        old = torch.get_num_threads()
+        cleanup = getattr(args, "_cleanup", None)
+        if cleanup is not None:
+            cleanup.callback(torch.set_num_threads, old)
         torch.set_num_threads(int(n))
     return torch.get_num_threads()
 

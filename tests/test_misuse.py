@@ -188,12 +188,14 @@ def test_cli_overwrite_replaces_only_an_earlier_run(tmp_path: Path,
 
 
 def test_cli_threads(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
     seen: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
     args = ["train", "--epochs", "1", "--no-logs", "--quiet", "--param", "cycles=4"]
     assert main(args) == 0
     assert main([*args, "--threads", "2"]) == 0
-    assert seen == [1, 2]  # the digits task's default, then the flag
+    # The digits task's default, then the flag; each time the caller's count is put back at the end.
+    assert seen == [1, before, 2, before]
     assert main(["prt", "--threads", "x"]) == 2
     assert "--threads must be a positive integer" in capsys.readouterr().err
 
