@@ -135,7 +135,10 @@ def _export(ref: str, dest: Path) -> Path:
     tar = dest / "tree.tar"
     tar.write_bytes(archive.stdout)
     with tarfile.open(tar) as tf:
-        tf.extractall(dest / "tree", filter="data")
+        try:
+            tf.extractall(dest / "tree", filter="data")
+        except TypeError:  # Python < 3.10.12 / 3.11.4: no extraction filters (our own git archive)
+            tf.extractall(dest / "tree")
     return dest / "tree"
 
 
