@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import math
@@ -49,7 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser ships as the "tomli" package
+    import tomli as tomllib
 
 __all__ = ["main", "register_command", "build_parser", "CLIError", "Progress", "EXTENSION_MODULES",
            "default_run_name"]
@@ -209,7 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         command = args._command
-        code = _COMMANDS[command].run(args)
+        with warnings.catch_warnings(), contextlib.ExitStack() as cleanup:
+            # Warnings are for the person at the terminal: one line each, no source location.
+            where = f"{PROG} {command}"
+            warnings.showwarning = lambda message, category, *a, **k: print(
+                f"{where}: warning: {message}", file=sys.stderr)
+            args._cleanup = cleanup  # commands register what to undo when they end (thread count)
+            code = _COMMANDS[command].run(args)
         return 0 if code is None else int(code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -286,6 +296,29 @@ def _param(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
+def _add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int("--threads"), metavar="N",
+                   help="torch CPU threads (default: the task's, 1 for digits and charlm, whose small "
+                   "models run fastest on one thread and do not fight other jobs for cores; torch's own "
+                   "default for the others)")
+
+
+def _set_threads(args: argparse.Namespace, task: Any) -> int:
+    """Apply ``--threads`` (or the task's default) to torch for the rest of the command; returns the
+    thread count in force. :func:`main` puts the caller's count back afterwards, so calling ``main()``
+    from Python (a notebook, a test) does not change the process's setting."""
+    import torch
+
+    n = args.threads if args.threads is not None else task.defaults.get("threads")
+    if n is not None:
+        old = torch.get_num_threads()
+        cleanup = getattr(args, "_cleanup", None)
+        if cleanup is not None:
+            cleanup.callback(torch.set_num_threads, old)
+        torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
 def _device_arg(text: str) -> str:
     if text == "auto":
         import torch
@@ -306,22 +339,43 @@ def default_run_name(task: str, policy: str, now: _dt.datetime | None = None) ->
     return f"{task}-{safe}-{(now or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _fresh_run_dir(logdir: Path, name: str | None, task: str, policy: str) -> Path:
+#: What ``adaprec train`` and ``adaprec report`` write into a run folder; ``--overwrite`` deletes only these.
+_RUN_FILES = ("events.out.tfevents.*", "report.png")
+
+
+def _fresh_run_dir(logdir: Path, name: str | None, task: str, policy: str, overwrite: bool = False) -> Path:
     if logdir.exists() and not logdir.is_dir():
         raise CLIError(f"--logdir {str(logdir)!r} exists and is not a directory")
     if name is not None:
         if not name or "/" in name or name in (".", ".."):
             raise CLIError(f"--name must be a plain folder name, got {name!r}")
         run = logdir / name
+        if run.exists() and not run.is_dir():
+            raise CLIError(f"{str(run)!r} exists and is not a directory")
         if run.exists() and any(run.iterdir()):
-            raise CLIError(f"run directory {str(run)!r} already exists and is not empty; pick another "
-                           "--name (TensorBoard would mix the two runs)")
+            if not overwrite:
+                raise CLIError(f"run directory {str(run)!r} already exists and is not empty; pick another "
+                               "--name or pass --overwrite to replace that run (TensorBoard would mix the "
+                               "two runs)")
+            _clear_run_dir(run)
         return run
     base = default_run_name(task, policy)
     run, i = logdir / base, 1
     while run.exists():  # two runs started within the same second
         run, i = logdir / f"{base}-{i}", i + 1
     return run
+
+
+def _clear_run_dir(run: Path) -> None:
+    """Delete an earlier run's files, but only if the folder holds nothing else (never a user's data)."""
+    files = list(run.iterdir())
+    foreign = [f.name for f in files if not f.is_file() or not any(f.match(p) for p in _RUN_FILES)]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise CLIError(f"--overwrite: {str(run)!r} holds files that adaprec did not write ({shown}); "
+                       "remove them yourself or pick another --name")
+    for f in files:
+        f.unlink()
 
 
 # --- adaprec train -------------------------------------------------------------------------------------
@@ -412,9 +466,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_positive_float("--lr"), help="learning rate (default: the task's)")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (cuda if available)")
+    _add_threads_argument(p)
     p.add_argument("--logdir", default="runs", metavar="DIR",
                    help="TensorBoard parent folder; the run goes to DIR/<name>")
     p.add_argument("--name", help="run folder name (default: <task>-<policy>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run of the same --name (its event files and report.png)")
     p.add_argument("--no-logs", action="store_true", help="write no TensorBoard logs")
     p.add_argument("--json", metavar="FILE", help="also write the result (metrics, report, history) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -436,22 +493,44 @@ def _build_task(args: argparse.Namespace) -> Any:
     try:
         return get_task(args.task, **kwargs)
     except TypeError as exc:
-        unused = [f"--{'data' if k == 'path' else k}" for k in kwargs if f"'{k}'" in str(exc)]
+        unused = [_TASK_FLAGS[k].split()[0] for k in kwargs if f"'{k}'" in str(exc)]
         if unused:
             raise CLIError(f"{' and '.join(unused)} is not used by task {args.task!r} (only by tasks that "
                            "read data from a path: cifar10, imagefolder)") from None
-        raise
+        raise CLIError(_flag_names(str(exc))) from None
+    except ValueError as exc:  # e.g. "needs path=": say it with the command line's words
+        raise CLIError(_flag_names(str(exc))) from None
+
+
+#: Task constructor arguments and the command-line flags that set them.
+_TASK_FLAGS = {"path": "--data PATH", "model": "--model NAME"}
+
+
+def _flag_names(message: str) -> str:
+    """A task's error message with its keyword arguments (``path=``) named as the flags that set them.
+
+    Example:
+        >>> _flag_names("task 'cifar10' needs path= (the folder)")
+        "task 'cifar10' needs --data PATH (the folder)"
+    """
+    import re
+
+    for kw, flag in _TASK_FLAGS.items():
+        message = re.sub(rf"\b{kw}=(?=[\s),;:]|$)", flag, message)
+    return message
 
 
 def _check_policy(spec: str, params: dict[str, Any]) -> None:
-    from .policies import list_policies, make_policy
+    from .policies import find_recipe, list_policies, list_recipes, make_policy
 
     if spec.endswith(".toml"):
-        if not Path(spec).is_file():
-            raise CLIError(f"--policy recipe file {spec!r} does not exist")
-    elif spec not in list_policies():
-        raise CLIError(f"unknown policy {spec!r}; known policies: {', '.join(list_policies())} "
-                       "(or give a recipe .toml file)")
+        try:
+            find_recipe(spec)
+        except FileNotFoundError as exc:
+            raise CLIError(f"--policy: {exc}") from None
+    elif spec not in list_policies() and spec not in list_recipes():
+        raise CLIError(f"unknown policy {spec!r}; known policies: {', '.join(list_policies())}; shipped "
+                       f"recipes: {', '.join(list_recipes())} (or give a recipe .toml file)")
     make_policy(spec, **params)  # fail now on bad --param, before loading data and building the model
 
 
@@ -467,14 +546,21 @@ def _run_train(args: argparse.Namespace) -> int:
 
         policy = make_policy(args.policy, **params)
     device = _device_arg(args.device)
-    run_dir = None if args.no_logs else _fresh_run_dir(Path(args.logdir), args.name, args.task, args.policy)
     if args.json is not None and not Path(args.json).resolve().parent.is_dir():
         raise CLIError(f"--json: folder {str(Path(args.json).parent)!r} does not exist")
+    if args.overwrite and (args.name is None or args.no_logs):
+        raise CLIError("--overwrite needs --name (the run to replace) and logs (not --no-logs)")
+    run_dir = None if args.no_logs else _fresh_run_dir(Path(args.logdir), args.name, args.task, args.policy,
+                                                       overwrite=args.overwrite)
+    _set_threads(args, task)
     defaults = task.defaults
     epochs = args.epochs or defaults.get("epochs", 10)
     bar: dict[str, Progress] = {}
+    floor: dict[str, Any] = {}
 
     def on_start(ctl: Any) -> None:
+        if ctl.classifier_floor is not None:
+            floor["layer"], floor["bits"] = ctl.classifier_floor.target, ctl.classifier_floor.bits
         if run_dir is not None:
             logger = ctl.components.get("tensorboard")
             if logger is not None:
@@ -484,7 +570,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     result = train(task, policy, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    device=device, logdir=None if run_dir is None else str(run_dir), on_start=on_start)
-    print(format_result(result, run_dir))
+    print(format_result(result, run_dir, classifier_floor=floor or None))
     if args.json is not None:
         import json
 
@@ -493,8 +579,14 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_result(result: Any, run_dir: Path | None) -> str:
-    """The summary ``adaprec train`` prints: the task metric, cost and savings, then the full report."""
+def format_result(result: Any, run_dir: Path | None, classifier_floor: dict[str, Any] | None = None) -> str:
+    """The summary ``adaprec train`` prints: the task metric, cost and savings, then the full report.
+
+    Savings are printed as percentages here; in ``result.report`` (``ctl.report()``) every share is a
+    fraction of 1 (see :class:`adaprec.Report`). A ``mixed(a, b)`` precision (the layers do not all
+    compute at the same precision, e.g. because the classifier floor holds the last layer higher) is
+    spelled out layer by layer under the summary.
+    """
     r = result.report
     ref = r.get("reference", "int8/int8")
     lines = [
@@ -511,12 +603,38 @@ def format_result(result: Any, run_dir: Path | None) -> str:
         more = f", +{len(tap) - 4} more" if len(tap) > 4 else ""
         shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in top)
         lines.append(f"  {'time at precision':<28} {shares}{more}")
+        lines += _explain_mixed(tap, result.history, classifier_floor)
     if run_dir is not None:
         lines.append(f"  {'TensorBoard logs':<28} {run_dir}   (tensorboard --logdir {run_dir.parent})")
     lines.append("")
     lines.append("report:")
     lines += ["  " + line for line in str(_short_report(r)).splitlines()]
     return "\n".join(lines)
+
+
+def _explain_mixed(tap: dict[str, float], history: Sequence[Any],
+                   classifier_floor: dict[str, Any] | None) -> list[str]:
+    """One line per ``mixed(...)`` precision: which layers computed at which precision."""
+    mixed = [k for k in tap if k.startswith("mixed(")]
+    if not mixed:
+        return []
+    out = [f"  {'':<28} mixed(...): the layers differ; per layer:"]
+    for key in mixed:
+        entry = next((h for h in history if h.summary() == key), None)
+        if entry is None:
+            continue
+        groups: dict[str, list[str]] = {}
+        for name, prec in entry.layers.items():
+            groups.setdefault(prec.short(), []).append(name)
+        parts = []
+        for prec, names in groups.items():
+            shown = ", ".join(names[:4]) + (f" +{len(names) - 4} more" if len(names) > 4 else "")
+            parts.append(f"{prec} on {shown}")
+        out.append(f"  {'':<28}   {key}: " + "; ".join(parts))
+    if classifier_floor and classifier_floor.get("layer") is not None:
+        out.append(f"  {'':<28}   (the classifier floor keeps layer {classifier_floor['layer']!r} at "
+                   f">= {classifier_floor['bits']} bits; Controller(classifier_floor=False) turns it off)")
+    return out
 
 
 def _short_report(r: dict[str, Any]) -> Any:
@@ -532,27 +650,37 @@ def _add_policies_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_policies(args: argparse.Namespace) -> int:
-    from .policies import list_policies, load_recipe
+    from .policies import list_policies, list_recipes, load_recipe
 
     pol = list_policies()
     width = max(map(len, pol), default=0)
     for name, desc in pol.items():
         print(f"{name.ljust(width)}  {desc}")
-    folders = [Path(__file__).parent / "recipes"]
+    shipped = list_recipes()
+    if shipped:
+        print("\nshipped recipes (use with --policy NAME):")
+        w = max(map(len, shipped))
+        for stem, f in shipped.items():
+            print(f"  {stem.ljust(w)}  {_recipe_line(f, load_recipe)}")
     if args.recipes is not None:
         if not Path(args.recipes).is_dir():
             raise CLIError(f"--recipes {args.recipes!r} is not a folder")
-        folders.append(Path(args.recipes))
-    recipes = sorted(f for d in folders if d.is_dir() for f in d.glob("*.toml"))
-    if recipes:
-        print("\nrecipes (use with --policy FILE):")
-        for f in recipes:
-            try:
-                name, _ = load_recipe(f)
-                print(f"  {f}  ({name})")
-            except (ValueError, OSError) as exc:
-                print(f"  {f}  (unreadable: {_one_line(exc)})")
+        own = sorted(Path(args.recipes).glob("*.toml"))
+        print(f"\nrecipes in {args.recipes} (use with --policy FILE):")
+        for f in own:
+            print(f"  {f}  {_recipe_line(f, load_recipe)}")
+        if not own:
+            print("  (none)")
     return 0
+
+
+def _recipe_line(path: Path, load_recipe: Callable[[Path], tuple[str, dict[str, Any]]]) -> str:
+    try:
+        name, params = load_recipe(path)
+    except (ValueError, OSError) as exc:
+        return f"(unreadable: {_one_line(exc)})"
+    args = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"{name}({args})"
 
 
 # --- adaprec report ------------------------------------------------------------------------------------
@@ -613,6 +741,7 @@ def _add_prt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-curve", action="store_true", help="measure every level up to --max-bits")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
+    _add_threads_argument(p)
     p.add_argument("--plot", metavar="FILE.png", help="also draw the curve and the bounds to this PNG")
     p.add_argument("--logdir", metavar="DIR", help="also log the curve to TensorBoard in DIR")
 
@@ -630,6 +759,7 @@ def _run_prt(args: argparse.Namespace) -> int:
         if not plot.resolve().parent.is_dir():
             raise CLIError(f"--plot: folder {str(plot.parent)!r} does not exist")
     task = _build_task(args)
+    _set_threads(args, task)
     device = torch.device(_device_arg(args.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device!r}: CUDA is not available here")

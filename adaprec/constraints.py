@@ -131,7 +131,8 @@ class Pin:
 
 
 def classifier_bits(num_classes: int, margin: int = 2) -> int:
-    """The classifier floor of METHODS.md §3.2: ``ceil(log2 C) + 1 + margin`` bits (at most 32).
+    """The classifier floor (docs/methods.md#classifier-floor): ``ceil(log2 C) + 1 + margin`` bits, at most
+    32.
 
     A ``b``-bit error grid keeps the non-target errors ``δ ≈ 1/C`` only if ``b >= log2 C + 1``; the
     margin adds room for the range of the error tensor.
@@ -181,7 +182,8 @@ def find_classifier(model: nn.Module, quantized: list[str]) -> str | None:
 
 
 class ClassifierFloor:
-    """Keep the classifier at ``ceil(log2 C) + 1 + margin`` bits forward and backward (METHODS.md §3.2).
+    """Keep the classifier at ``ceil(log2 C) + 1 + margin`` bits forward and backward
+    (docs/methods.md#classifier-floor).
 
     On by default in :class:`adaprec.Controller` (``classifier_floor=True``); pass
     ``classifier_floor=False`` to drop it, or ``classifier_floor=ClassifierFloor(...)`` to configure it.

@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -71,27 +73,77 @@ _allow_in_checkpoints()
 class Report(dict):
     """``ctl.report()``: a dict of figures that prints as a small table.
 
+    One convention: every share, saving and ratio is a **fraction of 1** (``savings_vs_fp32 = 0.96``
+    means 96 % fewer BitOPs than FP32); nothing is stored as a percentage. The printed table adds the
+    percentage next to the fractions of :attr:`FRACTIONS`. Speed-ups are factors (2.0 = twice as fast).
+
+    The keys, by the part of adaprec that adds them (sections appear only when that part is in use):
+
+    ==========================  =========================================================================
+    key                         meaning
+    ==========================  =========================================================================
+    ``policy``                  the policy's repr, with its settings
+    ``steps``, ``epochs``       iterations counted (optimizer steps or ``ctl.step()``) and epochs
+                                completed (``ctl.epoch()``)
+    ``layers``                  number of quantized layers
+    ``gbitops``                 training cost so far in 10^9 bit-operations (docs/methods.md#bitops)
+    ``gbitops_fp32``            the same MACs at FP32 (32x32 bits for each of the three products)
+    ``reference``               the static reference (default ``int8/int8``: CPT's static 8/8 baseline)
+    ``gbitops_reference``       the same MACs in a static run at ``reference`` *with the same
+                                constraints* (the classifier floor included): a run the user can do
+    ``savings_vs_fp32``         ``1 - gbitops / gbitops_fp32`` (fraction)
+    ``savings_vs_reference``    ``1 - gbitops / gbitops_reference`` (fraction; negative = dearer)
+    ``gbitops_reference_ideal``  the formula's idealised reference: every layer at ``reference``,
+                                constraints ignored
+    ``savings_vs_reference_ideal``  ``1 - gbitops / gbitops_reference_ideal`` (fraction)
+    ``gmacs``                   10^9 multiply-accumulates of the quantized layers' forward products
+    ``per_layer_gbitops``       ``{layer: gbitops}``
+    ``time_at_precision``       ``{precision: fraction of the iterations}``; a precision is
+                                ``weight/gradient`` of all layers (``int3/int8``) or, when the layers
+                                differ (e.g. the classifier floor holds the last one higher),
+                                ``mixed(a, b, ...)`` listing the distinct precisions: ``ctl.history``
+                                says which layer had which
+    ``precision_changes``       entries in ``ctl.history`` (one per change, never per step)
+    ``observed``                ``{name: value}``: the last value of every scalar given to
+                                ``ctl.observe()`` (``loss``, ``val_acc``, ...) or published by an
+                                observer into ``ctl.stats``
+    ``bytes_per_param``         (with ``optimizer=``) modelled bytes per parameter: weight +
+                                compensation + optimizer state
+    ``memory_per_param``        those three parts, ``{part: bytes}``
+    ``memory_vs_fp32``          total over the same with FP32 weights (fraction; 1.0 = the same)
+    ``weight_storage``          how the weights are stored (``fp32 master``, or the formats)
+    ``cpt_bounds``, ``prt_steps``  (CPT) ``"B_min-B_max"`` or ``"searching"``; range-test iterations
+    ``modelled_speedup_vs_fp32``   (MuPPET, or ``adaprec.timemodel``) ``{gpu: factor}``
+    ``modelled_seconds``, ``modelled_seconds_fp32``  ``{gpu: seconds}`` of the modelled products
+    ==========================  =========================================================================
+
     Example:
-        >>> print(Report({"policy": "fp32", "gbitops": 1.5}))
-        policy   fp32
-        gbitops  1.5
+        >>> print(Report({"policy": "fp32", "gbitops": 1.5, "savings_vs_fp32": 0.75}))
+        policy           fp32
+        gbitops          1.5
+        savings_vs_fp32  0.75 (75.0 %)
     """
+
+    #: Keys whose values (or dict values) are fractions of 1; the table shows them as percentages too.
+    FRACTIONS = frozenset({"savings_vs_fp32", "savings_vs_reference", "savings_vs_reference_ideal",
+                           "time_at_precision"})
 
     def __str__(self) -> str:
         rows = []
         for k, v in self.items():
+            pct = k in self.FRACTIONS
             if isinstance(v, dict):
                 if not v:
                     continue
-                v = ", ".join(f"{a}: {_fmt(b)}" for a, b in v.items())
-            rows.append((k, _fmt(v)))
+                v = ", ".join(f"{a}: {_fmt(b, pct)}" for a, b in v.items())
+            rows.append((k, _fmt(v, pct)))
         w = max((len(k) for k, _ in rows), default=0)
         return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, pct: bool = False) -> str:
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.6g}" + (f" ({100 * v:.1f} %)" if pct else "")
     return str(v)
 
 
@@ -289,6 +341,8 @@ class Controller:
         # that decision never ran, so it is not part of the run's history.
         if len(self.history) > 1 and self.history[-1].step == self.step_count:
             self.history.pop()
+        if exc is None:
+            self._warn_if_no_iterations()
         try:
             if exc is not None:
                 self.fire(Event.EXCEPTION_RAISED, exception=exc)
@@ -296,6 +350,17 @@ class Controller:
                 self.fire(Event.FIT_COMPLETED)
         finally:
             self._teardown()
+
+    def _warn_if_no_iterations(self) -> None:
+        # Training forwards ran (the backend counts MACs only in training mode) but nothing ever closed
+        # an iteration: the report would say 0 steps and 0 GBitOPs, and schedules never moved.
+        if self.step_count == 0 and self.cost is not None and bool(self.cost.macs.sum() > 0):
+            how = ("its step() was never called" if self.optimizer is not None else
+                   "no optimizer= was given and ctl.step() was never called")
+            warnings.warn(f"adaprec.Controller: training forward passes ran but no iteration was counted "
+                          f"({how}), so ctl.report() shows 0 steps and no cost and the policy never "
+                          "advanced; pass optimizer= to the Controller or call ctl.step() once per "
+                          "iteration", stacklevel=3)
 
     def _patch_step(self) -> None:
         # Optimizer hooks cannot cancel a step, so the guard wraps this optimizer's step method
@@ -451,7 +516,12 @@ class Controller:
         self._report_sections[name] = fn
 
     def report(self) -> Report:
-        """Cost and precision figures of the run so far (also valid after leaving the block)."""
+        """Cost and precision figures of the run so far (also valid after leaving the block); every key
+        is described in :class:`Report`."""
+        if not self._active and not self._exited:
+            raise RuntimeError("this Controller was never entered, so it measured nothing (and a model "
+                               "trained outside it ran in plain FP32): use it as a context manager, "
+                               "'with adaprec.Controller(model, ...) as ctl:', and train inside the block")
         r = Report()
         r["policy"] = repr(self.policy)
         r["steps"] = self.step_count
@@ -465,6 +535,7 @@ class Controller:
         total = sum(self._steps_at.values())
         r["time_at_precision"] = {k: v / total for k, v in self._steps_at.items()} if total else {}
         r["precision_changes"] = len(self.history)
+        r["observed"] = _observed(self.stats)
         for fn in self._report_sections.values():
             r.update(fn())
         return r
@@ -540,6 +611,17 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _observed(stats: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of ``ctl.stats`` as plain floats (one host read per value, at report time)."""
+    out: dict[str, float] = {}
+    for k, v in stats.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            out[k] = float(v.detach())
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -567,11 +649,10 @@ def _average_over_ranks(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_compiled(model: nn.Module) -> bool:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except Exception:  # pragma: no cover - torch without dynamo
-        return False
-    return isinstance(model, OptimizedModule)
+    # A compiled model exists only once torch._dynamo has been imported; importing it just to check
+    # would cost about a second per process, so look it up instead.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 def _quantizable_types():

@@ -1,4 +1,4 @@
-"""Training cost in bit-operations (METHODS.md §1.4), measured from the real shapes of the run.
+"""Training cost in bit-operations (docs/methods.md#bitops), measured from the real shapes of the run.
 
 Per quantized layer and training step there are three products with the same MAC count ``M``: the
 forward ``W x A``, the error back-propagation ``E x W`` and the weight gradient ``E x A``. With weight,

@@ -4,7 +4,8 @@ One run: the precision timeline of every layer (weight and gradient bits as heat
 the training loss, and the cumulative GBitOPs next to what FP32 and the static reference would have cost.
 Several runs: the final metric (accuracy by default) against GBitOPs, the loss curves, the cumulative
 GBitOPs and the mean weight bits over the layers. Everything is read back from the event files with
-TensorBoard's own reader and drawn with matplotlib's Agg backend (no display needed).
+TensorBoard's own reader and drawn with matplotlib's object-oriented ``Figure`` API, which needs no
+display and leaves the global backend (e.g. a notebook's) alone.
 
 Example:
     >>> import tempfile, os
@@ -31,7 +32,7 @@ import numpy as np
 
 from .tensorboard import read_scalars
 
-__all__ = ["find_runs", "plot_run", "plot_runs", "plot_prt", "final_metric", "layer_bits",
+__all__ = ["find_runs", "plot_run", "plot_runs", "compare_figure", "plot_prt", "final_metric", "layer_bits",
            "METRIC_CANDIDATES"]
 
 Series = list[tuple[int, float]]
@@ -122,18 +123,16 @@ def _last_step(scalars: dict[str, Series]) -> int:
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
-    import matplotlib
+    # matplotlib's object-oriented API: no pyplot, so the global backend (a notebook's, say) is never
+    # switched and no figure is left registered anywhere; saving a PNG needs no display.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    fig = Figure(figsize=size)
+    axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes.ravel()
 
 
 def _save(fig, out: str | os.PathLike[str]) -> Path:
-    import matplotlib.pyplot as plt
-
     path = Path(out)
     if path.suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got {str(path)!r}")
@@ -141,7 +140,6 @@ def _save(fig, out: str | os.PathLike[str]) -> Path:
         raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -248,59 +246,89 @@ def _run_labels(runs: list[Path]) -> list[str]:
     return [str(r.resolve().relative_to(common)) or r.name for r in runs]
 
 
+def _metric_name(tag: str) -> str:
+    return tag.split("/", 1)[-1]
+
+
 def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
               metric: str | None = None) -> Path:
     """A report of the runs under ``run_dirs``: one run gets :func:`plot_run`'s figure; several get the
-    final ``metric`` (default: accuracy, see :data:`METRIC_CANDIDATES`) against total GBitOPs, the loss
-    curves, the cumulative GBitOPs and the mean weight bits over layers. Returns the PNG's path."""
+    final ``metric`` (default: each run's own, see :data:`METRIC_CANDIDATES`) against total GBitOPs, the
+    loss curves, the cumulative GBitOPs and the mean weight bits over layers. Returns the PNG's path.
+
+    Runs whose final metrics differ (say accuracy for a classifier and val_loss for a language model)
+    never share an axis: each metric gets its own "<metric> vs cost" panel with only its runs.
+
+    Example:
+        >>> import tempfile, os
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> d = tempfile.mkdtemp()
+        >>> for name, tag, value in [("a", "stats/val_acc", 0.9), ("b", "stats/val_loss", 1.2)]:
+        ...     with SummaryWriter(os.path.join(d, name)) as w:
+        ...         w.add_scalar(tag, value, 9); w.add_scalar("cost/gbitops", 2.0, 9)
+        >>> os.path.getsize(plot_runs([d], os.path.join(d, "compare.png"))) > 0
+        True
+    """
     runs = find_runs(run_dirs)
     if len(runs) == 1 and metric is None:
         return plot_run(runs[0], out)
+    return _save(compare_figure(runs, metric), out)
+
+
+def compare_figure(runs: Sequence[Path], metric: str | None = None) -> Any:
+    """The matplotlib ``Figure`` :func:`plot_runs` saves for several runs (to draw it elsewhere)."""
+    runs = list(runs)
     data = [read_scalars(r) for r in runs]
     labels = _run_labels(runs)
-    fig, ax = _figure(2, 2, (11, 7.5))
-    fig.suptitle(f"adaprec: {len(runs)} runs")
-    # Final metric vs cost.
-    pts = []
+    # Final metric vs cost, grouped by metric so that different quantities never share an axis.
+    groups: dict[str, list[tuple[str, float, float]]] = {}
     for label, scalars in zip(labels, data):
         m = final_metric(scalars, metric)
         g = scalars.get("cost/gbitops")
         if m is not None and g:
-            pts.append((label, g[-1][1], m[1], m[0]))
-    if not pts:
+            groups.setdefault(_metric_name(m[0]), []).append((label, g[-1][1], m[1]))
+    if not groups:
         want = metric or " / ".join(METRIC_CANDIDATES[:4])
         raise ValueError(f"none of the runs logged both cost/gbitops and a final metric ({want}); "
                          "observe one with ctl.observe(val_acc=...) or pick another with --metric")
-    for label, x, y, _ in pts:
-        ax[0].scatter(x, y)
-        ax[0].annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax[0].set_xscale("log")  # FP32 runs cost 10-30x more than low-precision ones
+    n_panels = len(groups) + 3
+    rows = (n_panels + 1) // 2
+    fig, ax = _figure(rows, 2, (11, 3.75 * rows))
+    fig.suptitle(f"adaprec: {len(runs)} runs")
     from matplotlib.ticker import NullFormatter
 
-    ax[0].xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log range
-    ax[0].set_xlabel("training GBitOPs (log scale)")
-    ax[0].set_ylabel(pts[0][3].split("/", 1)[-1])
-    ax[0].set_title(f"{pts[0][3].split('/', 1)[-1]} vs cost")
+    for a, (name, pts) in zip(ax, groups.items()):
+        for label, x, y in pts:
+            a.scatter(x, y)
+            a.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        a.set_xscale("log")  # FP32 runs cost 10-30x more than low-precision ones
+        a.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log range
+        a.set_xlabel("training GBitOPs (log scale)")
+        a.set_ylabel(name)
+        a.set_title(f"{name} vs cost ({len(pts)} run{'s' if len(pts) != 1 else ''})")
+    loss_ax, cost_ax, bits_ax = ax[len(groups):len(groups) + 3]
+    for a in ax[len(groups) + 3:]:
+        a.set_visible(False)  # an odd number of panels leaves one cell empty
     for label, scalars in zip(labels, data):
-        _loss(ax[1], scalars, label=label, band=False)
+        _loss(loss_ax, scalars, label=label, band=False)
         g = scalars.get("cost/gbitops")
         if g:
-            ax[2].plot([p[0] for p in g], [p[1] for p in g], label=label)
+            cost_ax.plot([p[0] for p in g], [p[1] for p in g], label=label)
         weights = layer_bits(scalars, "weight")
         if weights:
             steps, mat = _step_matrix(weights, _last_step(scalars))
-            ax[3].step(steps, mat.mean(axis=0), where="post", label=label)
-    for a, title, ylab in ((ax[1], "training loss (window mean)", "loss"),
-                           (ax[2], "cumulative GBitOPs", "GBitOPs (log scale)"),
-                           (ax[3], "mean weight bits over layers", "bits")):
+            bits_ax.step(steps, mat.mean(axis=0), where="post", label=label)
+    for a, title, ylab in ((loss_ax, "training loss (window mean)", "loss"),
+                           (cost_ax, "cumulative GBitOPs", "GBitOPs (log scale)"),
+                           (bits_ax, "mean weight bits over layers", "bits")):
         a.set_title(title)
         a.set_xlabel("step")
-        if a is ax[2] and a.get_lines():
+        if a is cost_ax and a.get_lines():
             a.set_yscale("log")
         a.set_ylabel(ylab)
         if a.get_legend_handles_labels()[0] and len(runs) <= 12:
             a.legend(fontsize=7)
-    return _save(fig, out)
+    return fig
 
 
 def plot_prt(result: Any, out: str | os.PathLike[str]) -> Path:

@@ -1,4 +1,5 @@
-"""Precision range test (PRT, METHODS.md §1.3): find the lowest precision at which training progresses.
+"""Precision range test (PRT): find the lowest precision at which training progresses
+(docs/methods.md#precision-range-test).
 
 CPT's paper picks the lower bound ``B_min`` of its cycle with a test inspired by the learning-rate
 range test: start at a very low forward precision, raise it one bit at a time during the first
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 
 __all__ = ["RangeTest", "LevelResult", "PRTResult", "find_bounds", "level_progress", "PRT_DEFAULTS"]
 
-#: The documented defaults (METHODS.md §1.3 leaves them open).
+#: The documented defaults (docs/methods.md#precision-range-test leaves them open).
 PRT_DEFAULTS: dict[str, Any] = {"start_bits": 2, "steps_per_bits": 20, "window": 5, "threshold": 0.05}
 
 _MODES = ("max", "min")

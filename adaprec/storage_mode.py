@@ -2,7 +2,7 @@
 
 Under the simulated backend a policy's weight format is normally a fake quantization: the optimizer
 updates FP32 master weights and every forward rounds a copy. In storage mode the weights themselves
-live in the decided format (METHODS.md §3.1): the optimizer — :class:`~adaprec.optim.KahanSGD` or
+live in the decided format (docs/methods.md#kahan-update): the optimizer — :class:`~adaprec.optim.KahanSGD` or
 :class:`~adaprec.optim.Compensated` — writes every update back into that format (with Kahan
 compensation, plain or stochastic rounding, as it was built), and whenever the controller changes a
 layer's weight format (``Event.PRECISION_CHANGED``) the layer's stored weights are recombined and

@@ -512,8 +512,10 @@ class Logger:
                 self.writer.add_scalar(k, v, step)
 
 
-# Report entries that other tags already carry (cost/...) or that are plain counters.
-_REPORT_SKIP = frozenset({"steps", "epochs", "layers", "gbitops", "savings_vs_fp32", "savings_vs_reference"})
+# Report entries that other tags already carry (cost/..., stats/... for "observed") or that are plain
+# counters.
+_REPORT_SKIP = frozenset({"steps", "epochs", "layers", "gbitops", "savings_vs_fp32", "savings_vs_reference",
+                          "observed"})
 
 
 def _rank() -> int:

@@ -1,7 +1,8 @@
 """Modelled training time on real accelerators, from the cost meter's MACs and the precision history.
 
 MuPPET reports a *modelled* speedup on an NVIDIA Turing GPU; this module gives the same kind of figure
-for any run, on a T4 (Turing) and an H100, using the vendor peak dense throughputs of METHODS.md §4.
+for any run, on a T4 (Turing) and an H100, using vendor peak dense throughputs
+(docs/methods.md#modelled-training-time).
 
 The model, and its assumptions (read them before quoting a number):
 
@@ -83,7 +84,7 @@ class Hardware:
 
 _TYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 
-#: METHODS.md §4 (vendor peak dense figures).
+#: docs/methods.md#modelled-training-time (vendor peak dense figures).
 HARDWARE: dict[str, Hardware] = {
     "t4": Hardware("NVIDIA T4 (Turing)", {"fp32": 8.1e12, "fp16": 65e12, "int8": 130e12, "int4": 260e12}),
     "h100": Hardware("NVIDIA H100 SXM", {"fp32": 67e12, "tf32": 495e12, "fp16": 989e12, "bf16": 989e12,

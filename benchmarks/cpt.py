@@ -195,7 +195,8 @@ def _markdown(summary: dict[str, Any], seeds: int, wall: float, runs: list[dict[
         "parent process).", "",
         f"Each row: mean ± std over {seeds} seeds; same epochs, optimizer and cosine learning-rate schedule "
         f"for every policy of a task; CPT with {CYCLES} cycles per run, evaluation at B_max. Savings are in "
-        "BitOPs from adaprec's cost meter (METHODS.md §1.4), against FP32 and against the static run with "
+        "BitOPs from adaprec's cost meter (docs/methods.md#bitops), against FP32 and against the static run "
+        "with "
         "the same B_max (CPT 3-8/8 and PRT vs static 8/8, CPT 3-6/6 vs static 6/6). `CPT PRT-8/8` is "
         "`CPT(bits='auto')`: the precision range test runs on the first iterations of the same run "
         "(20 iterations per bit-width from 2 bits, training loss, 5% relative drop within a level). "

@@ -1,7 +1,7 @@
 """Low-precision weight storage with Kahan-compensated updates, and the classifier bit-width floor.
 
-Part 1 (METHODS.md §3.1). For the digits CNN (test accuracy; SGD, momentum 0.9) and the character LSTM
-on ``pydoc_data.topics`` (validation bits per character and perplexity; Adam), every weight is *stored*
+Part 1 (docs/methods.md#kahan-update). For the digits CNN (test accuracy; SGD, momentum 0.9) and the character
+LSTM on ``pydoc_data.topics`` (validation bits per character and perplexity; Adam), every weight is *stored*
 at 8-, 12- or 16-bit fixed point or bf16 — no FP32 master copy — through the controller's storage mode
 (``adaprec.Controller(..., weight_storage=True)`` with a policy whose weight format is the storage
 format, activations and errors FP32). Each format is written back three ways: plain rounding
@@ -12,8 +12,8 @@ variant keeps 16-bit weights with an 8-bit compensation. Bytes per parameter are
 sizes (``ctl.report()["bytes_per_param"]``: weight + compensation + optimizer state). The classifier floor
 is off in part 1, so that every weight really is stored at the stated width.
 
-Part 2 (METHODS.md §3.2). A run that violates the floor: 8-bit CPT precision everywhere, but the
-classifier's output error (the gradient at the logits) at 4 bits with round-to-nearest, classifier floor
+Part 2 (docs/methods.md#classifier-floor). A run that violates the floor: 8-bit CPT precision everywhere, but
+the classifier's output error (the gradient at the logits) at 4 bits with round-to-nearest, classifier floor
 off vs on (on raises that layer alone to ``ceil(log2 C) + 3`` bits: 7 for the 10 digits, 10 for the
 100-character vocabulary). On digits the same with stochastic rounding, which keeps small errors in
 expectation.

@@ -1,7 +1,8 @@
 """A straightforward reimplementation of the CPT authors' quantizer, as a speed baseline for adaprec.
 
 The released CPT code (built on the SBM quantizer of Banner et al.) fakes low precision the direct way,
-and this module does the same, written from the description in METHODS.md §1.2 rather than copied:
+and this module does the same, written from the description in docs/methods.md#sbm-quantizer rather than
+copied:
 
 * the bit-width is a Python ``int`` set from the cosine schedule after every optimizer step, so every
   new bit-width is a new constant for ``torch.compile`` (a recompilation);
@@ -39,7 +40,8 @@ __all__ = ["ReferenceCPT", "reference_quantize", "cpt_bits"]
 
 
 def cpt_bits(t: int, total_steps: int, cycles: int, low: int, high: int) -> int:
-    """CPT's cosine-growth schedule (METHODS.md §1.1) with Python numbers; ``round`` is half-to-even.
+    """CPT's cosine-growth schedule (docs/methods.md#cpt-schedule) with Python numbers; ``round`` is
+    half-to-even.
 
     Example:
         >>> [cpt_bits(t, 64000, 32, 3, 8) for t in (0, 500, 1000, 1999, 2000)]

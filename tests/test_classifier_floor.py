@@ -1,4 +1,5 @@
-"""The classifier bit-width floor (METHODS.md §3.2): values, auto-detection, scope, logging, removal."""
+"""The classifier bit-width floor (docs/methods.md#classifier-floor): values, auto-detection, scope, logging,
+removal."""
 
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ def _one_step_cost(model: nn.Module, inputs: tuple, prec: Precision, **kw) -> ad
 def test_bitops_from_hand_computed_macs(model: nn.Module, inputs: tuple, macs: int) -> None:
     r = _one_step_cost(model, inputs, Precision.cpt(4, 8))
     assert r["gmacs"] * 1e9 == pytest.approx(macs)
-    # METHODS.md §1.4: M * (b_fw^2 + 2 b_fw b_bw) = M * (16 + 64)
+    # docs/methods.md#bitops: M * (b_fw^2 + 2 b_fw b_bw) = M * (16 + 64)
     assert r["gbitops"] * 1e9 == pytest.approx(macs * 80)
     assert r["gbitops_fp32"] * 1e9 == pytest.approx(macs * 3 * 32 * 32)
     assert r["savings_vs_reference"] == pytest.approx(1 - 80 / 192)
@@ -186,7 +186,7 @@ def test_bitops_mixed_layers_and_fp32_layers() -> None:
     assert r["per_layer_gbitops"]["0"] * 1e9 == pytest.approx(m0 * (9 + 2 * 3 * 8))
     assert r["per_layer_gbitops"]["1"] * 1e9 == pytest.approx(m1 * 3 * 32 * 32)
     assert bitops_factor(Precision.cpt(3, 8)) == 57.0
-    # CPT's check value (METHODS.md §1.4): relative cost 3/8 vs 8/8.
+    # CPT's check value (docs/methods.md#bitops): relative cost 3/8 vs 8/8.
     assert 1 - bitops_factor(Precision.cpt(3, 8)) / bitops_factor(Precision.cpt(8, 8)) == pytest.approx(
         1 - 57 / 192)
 

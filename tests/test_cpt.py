@@ -1,4 +1,5 @@
-"""CPT: the schedule (METHODS.md §1.1), its cost (§1.4), the policy in a controller, recipes, bad input."""
+"""CPT: the schedule (docs/methods.md#cpt-schedule), its cost (docs/methods.md#bitops), the policy in a
+controller, recipes, bad input."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_paper_test_vectors():
 def test_paper_time_shares():
     sched = cpt_schedule(64_000, 32, 3, 8)
     assert len(sched) == 64_000
-    expected = {3: 20.5, 4: 16.5, 5: 13.1, 6: 13.1, 7: 16.5, 8: 20.5}  # METHODS.md, rounded to 0.1
+    # The paper's time shares per width, rounded to 0.1:
+    expected = {3: 20.5, 4: 16.5, 5: 13.1, 6: 13.1, 7: 16.5, 8: 20.5}
     for b, share in expected.items():
         assert abs(100 * np.mean(sched == b) - share) <= 0.05 + 1e-9, b
     assert set(np.unique(sched)) == set(expected)
@@ -212,7 +214,7 @@ def test_registered_with_paper_defaults():
 
 @pytest.mark.parametrize("name,bits", [("cpt-cifar.toml", [3, 8]), ("cpt-imagenet.toml", [4, 8])])
 def test_recipes_reproduce_paper_configs(name, bits):
-    p = make_policy(str(ROOT / "policies" / name))
+    p = make_policy(str(ROOT / "adaprec" / "recipes" / name))
     assert p.config() == {"bits": bits, "grad_bits": 8, "cycles": 32, "profile": "cos", "shape": "growth"}
 
 

@@ -1,4 +1,5 @@
-"""Low-precision parameter storage with Kahan-compensated updates (adaprec.optim, METHODS.md §3.1)."""
+"""Low-precision parameter storage with Kahan-compensated updates (adaprec.optim,
+docs/methods.md#kahan-update)."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def _assert_representable(fmt: Format, x: torch.Tensor, q: torch.Tensor) -> None
         mn, mx = x.min().item(), x.max().item()
         ratios = ([abs((half - 0.5) / mx)] if mx else []) + ([abs((-half - 0.5) / mn)] if mn else [])
         s = max(-126, min(126, math.floor(math.log2(min(ratios))))) if ratios else 0
-        codes = q.double() * 2.0**s  # METHODS.md §2.1: integers of WL bits times 2^-s
+        codes = q.double() * 2.0**s  # docs/methods.md#dynamic-fixed-point: integers of WL bits times 2^-s
         assert torch.equal(codes, codes.round())
         assert codes.min() >= -half and codes.max() <= half - 1
     elif fmt.scaled:

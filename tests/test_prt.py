@@ -1,4 +1,5 @@
-"""The precision range test (METHODS.md §1.3): the state machine, find_bounds, and CPT(bits="auto")."""
+"""The precision range test (docs/methods.md#precision-range-test): the state machine, find_bounds, and
+CPT(bits="auto")."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from adaprec.policies import (
     FP32Policy,
     Policy,
     list_policies,
+    list_recipes,
     load_recipe,
     make_policy,
     register_policy,
@@ -164,8 +165,29 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 
 def test_shipped_recipes_build() -> None:
-    # Every recipe in policies/ must name a registered policy with valid parameters.
-    for path in sorted((REPO / "policies").glob("*.toml")):
+    # Every recipe shipped in the package must name a registered policy with valid parameters.
+    recipes = list_recipes()
+    assert {"cpt-cifar", "cpt-imagenet"} <= set(recipes)
+    for stem, path in recipes.items():
+        assert path.parent == REPO / "adaprec" / "recipes"
         name, _ = load_recipe(path)
         assert isinstance(make_policy(path), Policy), path
+        assert make_policy(stem).config() == make_policy(path).config()  # by name, as from a wheel
         assert name in list_policies(), path
+
+
+def test_old_checkout_recipe_paths_still_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # adaprec 0.1 kept the recipes in <checkout>/policies/; that spelling keeps working anywhere.
+    monkeypatch.chdir(tmp_path)
+    assert make_policy("policies/cpt-cifar.toml").config() == make_policy("cpt-cifar").config()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with adaprec.Controller(model, policy="policies/cpt-imagenet.toml", total_steps=320) as ctl:
+        pass
+    assert ctl.policy.config()["bits"] == [4, 8]
+    # ...but only for shipped names in a folder called policies: other missing paths are an error.
+    with pytest.raises(FileNotFoundError, match="shipped recipes .*cpt-cifar"):
+        make_policy("recipes/cpt-cifar.toml")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_policy("policies/cpt-mnist.toml")
+    with pytest.raises(ValueError, match="shipped recipes: .*cpt-cifar"):
+        make_policy("cpt-cifar10")

@@ -1,5 +1,5 @@
 """Block-scaled ("microscaling") formats: OCP MX v1.0 (MXFP8, MXFP6, MXFP4, MXINT8) and NVIDIA's NVFP4
-(docs/methods.md, "Block-scaled formats").
+(docs/methods.md#block-scaled-formats).
 
 A block of ``k`` consecutive elements along the product's reduction dimension shares one scale ``X``;
 each element is stored in a narrow format and stands for ``X * P_i``.

@@ -1,4 +1,5 @@
-"""Dynamic fixed point with a per-tensor power-of-two scale, as MuPPET trains (docs/methods.md, "MuPPET").
+"""Dynamic fixed point with a per-tensor power-of-two scale, as MuPPET trains
+(docs/methods.md#dynamic-fixed-point).
 
 On every call the scale comes from the tensor's own range:
 ``s = floor(log2(min(|(2^(WL-1) - 0.5) / max(X)|, |(-2^(WL-1) - 0.5) / min(X)|)))`` and

@@ -1,4 +1,5 @@
-"""The asymmetric min-max integer grid of CPT/SBM (Banner et al. 2018; docs/methods.md, "CPT quantizer").
+"""The asymmetric min-max integer grid of CPT/SBM (Banner et al. 2018;
+docs/methods.md#sbm-quantizer).
 
 ``2**bits`` levels between the tensor's min and max: ``scale = max((max - min) / (2^b - 1), 1e-8)``,
 ``q = clamp(round((x - min) / scale), 0, 2^b - 1)``, ``x_q = q * scale + min``. Weights take min/max per

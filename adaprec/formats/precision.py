@@ -1,5 +1,5 @@
 """A layer's three formats — weight, input activation, output gradient (error) — and the BitOPs of a
-training step at them (docs/methods.md, "Training cost").
+training step at them (docs/methods.md#bitops).
 
 Example:
     >>> p = Precision.cpt(6, 8)

@@ -1,7 +1,7 @@
 """Observers: handlers that watch a run and publish statistics into ``ctl.stats``.
 
-* :class:`GradientDiversity` — MuPPET's inter-epoch gradient diversity (METHODS.md §2.2), per tensor,
-  mean and per layer; :class:`WindowedDiversity` — the same every ``k`` steps inside an epoch.
+* :class:`GradientDiversity` — MuPPET's inter-epoch gradient diversity (docs/methods.md#muppet-rule), per
+  tensor, mean and per layer; :class:`WindowedDiversity` — the same every ``k`` steps inside an epoch.
 * :class:`LossStats` — EMA mean/variance, trend, spikes and non-finite values of the loss.
 
 Each registers itself in ``ctl.components`` so ``ctl.state_dict()`` saves it.

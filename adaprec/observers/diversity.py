@@ -3,8 +3,8 @@
 Yin's diversity of gradients ``g_1 .. g_n`` of one tensor is ``Σ_k ||g_k||² / ||Σ_k g_k||²``: ``1/n`` when
 all gradients are identical, ``1`` when they are mutually orthogonal, larger when they cancel out.
 
-* :class:`GradientDiversity` — MuPPET's inter-epoch estimator (METHODS.md §2.2): at the end of every
-  epoch ``j`` it takes the last minibatch's gradient of every parameter tensor; the windows are the
+* :class:`GradientDiversity` — MuPPET's inter-epoch estimator (docs/methods.md#muppet-rule): at the end of
+  every epoch ``j`` it takes the last minibatch's gradient of every parameter tensor; the windows are the
   absolute epochs ``{0..r-1}, {r..2r-1}, …`` and at the last epoch of each window it computes the
   diversity of every tensor over the window's ``r`` gradients, their unweighted mean (``Δ_j``) and a
   per-layer view (for every quantized layer, the unweighted mean over its own parameter tensors).

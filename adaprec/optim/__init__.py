@@ -1,4 +1,4 @@
-"""Low-precision parameter storage and compensated updates (METHODS.md §3).
+"""Low-precision parameter storage and compensated updates (docs/methods.md#kahan-update).
 
 * :class:`Storage`, :func:`storage_format`, :func:`resplit` — how a weight is stored (fixed point with
   a kept fractional length, bf16/fp16/fp8, FP32) and its Kahan compensation;

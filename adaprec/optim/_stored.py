@@ -138,7 +138,7 @@ class StoredParamsMixin:
 
     @torch.no_grad()
     def _split_param(self, p: Tensor, storage: Storage, kahan: bool) -> None:
-        """Recombine ``p + comp`` and re-split it into ``storage`` (METHODS.md §3.1)."""
+        """Recombine ``p + comp`` and re-split it into ``storage`` (docs/methods.md#kahan-update)."""
         st = self.state[p]
         comp = st.get("comp")
         w_hp = p.detach() + comp if comp is not None else p.detach().clone()
@@ -220,7 +220,7 @@ class StoredParamsMixin:
     def set_format(self, weight_format: object, comp_format: object = None, *, update: str | None = None,
                    groups: Iterable[int] | None = None) -> None:
         """Switch the storage format of some (default: all) parameter groups now, re-splitting
-        ``w + c`` into the new weight and compensation grids (METHODS.md §3.1)."""
+        ``w + c`` into the new weight and compensation grids (docs/methods.md#kahan-update)."""
         idx = list(range(len(self.param_groups))) if groups is None else list(groups)
         for i in idx:
             if not (isinstance(i, int) and 0 <= i < len(self.param_groups)):

@@ -3,7 +3,8 @@
 :class:`Compensated` wraps an optimizer whose step is a pure function of the parameters, their
 gradients and its own state. It snapshots the parameters, lets the inner optimizer step, recovers the
 step as ``Δ = p_after - p_before`` and writes it back through the storage format
-(METHODS.md §3.1). For AdamW the decoupled weight decay is part of ``Δ``, so it is compensated too.
+(docs/methods.md#kahan-update). For AdamW the decoupled weight decay is part of ``Δ``, so it is compensated
+too.
 ``Δ`` is recovered to float32 accuracy relative to the weight — as exact as an FP32 master copy.
 """
 

@@ -1,7 +1,7 @@
 """SGD whose parameters live in a low-precision storage format, with Kahan-compensated updates.
 
-METHODS.md §3.1 (Park et al., arXiv 1810.05486): without an FP32 master copy, a step smaller than half
-a step of the weight grid is rounded away ("swamping"). :class:`KahanSGD` keeps a per-weight
+docs/methods.md#kahan-update (Park et al., arXiv 1810.05486): without an FP32 master copy, a step smaller than
+half a step of the weight grid is rounded away ("swamping"). :class:`KahanSGD` keeps a per-weight
 compensation ``c`` on a finer grid and writes each step back as
 ``y = Q_c(Δ + c); w' = Q_w(w + y); c = Q_c(y - (w' - w))``, where ``Δ`` is the whole SGD step
 (weight decay and momentum included — decay applied straight to a low-precision weight would vanish).

@@ -1,7 +1,7 @@
 """How a parameter is *stored* in low precision, and the compensated (Kahan) update of that storage.
 
 A training step that keeps no FP32 master copy must write the updated weight back in its storage
-format. Two formats are involved (METHODS.md §3.1):
+format. Two formats are involved (docs/methods.md#kahan-update):
 
 * the **weight format** ``Q_w``: what forward and backward see — fixed point (``"fx8"``, ``"fx16"``),
   a narrow float (``"bf16"``, ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``) or ``"fp32"``;

@@ -11,7 +11,9 @@ from .cpt import CPT
 from .muppet import MuPPET
 from .registry import (
     ENTRY_POINT_GROUP,
+    find_recipe,
     list_policies,
+    list_recipes,
     load_recipe,
     make_policy,
     recipe_text,
@@ -20,7 +22,8 @@ from .registry import (
 )
 
 __all__ = ["Policy", "FP32Policy", "Fixed", "register_policy", "list_policies", "make_policy",
-           "load_recipe", "recipe_text", "write_recipe", "ENTRY_POINT_GROUP", "CPT", "MuPPET"]
+           "load_recipe", "recipe_text", "write_recipe", "list_recipes", "find_recipe", "ENTRY_POINT_GROUP",
+           "CPT", "MuPPET"]
 
 register_policy("fp32", FP32Policy, "no quantization; the controller only observes and measures cost")
 register_policy("fixed", Fixed, "static precision for the whole run, e.g. Fixed(bits=8, grad_bits=8)")

@@ -1,10 +1,11 @@
-"""Cyclic Precision Training (CPT, Fu et al., ICLR 2021; METHODS.md §1) and its generalised schedules.
+"""Cyclic Precision Training (CPT, Fu et al., ICLR 2021) and its generalised schedules
+(docs/methods.md#cpt-schedule).
 
 The forward precision (weights and activations) cycles between ``B_min`` and ``B_max`` many times
 during training; the backward precision (errors) uses the same formula with its own bounds, which in
 every published run are equal, i.e. constant.
 
-Schedule (exactly the released code's, METHODS.md §1.1): ``P = floor(total_steps / cycles)``,
+Schedule (exactly the released code's, docs/methods.md#cpt-schedule): ``P = floor(total_steps / cycles)``,
 ``u = (t mod P) / P`` for the 0-based iteration ``t`` and, for the paper's cosine growth,
 ``bits(t) = rint(B_min + 0.5 (B_max - B_min)(1 - cos(pi u)))`` with numpy's round-half-to-even.
 When ``total_steps`` is not a multiple of ``cycles`` the last ``total_steps - cycles * P`` iterations
@@ -262,12 +263,12 @@ class CPT(Policy):
     Example:
         >>> import torch, adaprec
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        >>> with adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=2), total_steps=8) as ctl:
-        ...     for _ in range(8):
+        >>> with adaprec.Controller(model, policy=CPT(bits=(3, 8), cycles=2), total_steps=10) as ctl:
+        ...     for _ in range(10):
         ...         _ = model(torch.randn(2, 4)); ctl.step()
         >>> [h.layers["0"].weight.bits for h in ctl.history]
-        [3, 4, 6, 7, 3, 4, 6, 7]
-        >>> ctl.history[0].layers["2"].weight.bits  # the controller's classifier floor (METHODS.md §3.2)
+        [3, 5, 6, 8, 3, 5, 6, 8]
+        >>> ctl.history[0].layers["2"].weight.bits  # the classifier floor, docs/methods.md#classifier-floor
         4
     """
 
@@ -359,11 +360,56 @@ class CPT(Policy):
             extra = f" minus up to {reserve} range-test iterations" if reserve else ""
             raise ValueError(f"cycles ({self.cycles}) must not exceed total_steps ({total}){extra}: each "
                              "cycle needs at least one iteration; lower cycles or train longer")
+        if self.test is None:
+            self._warn_if_short(total, stacklevel=4)  # the user's with line: enter -> attach -> here
         super().attach(ctl)
         self._handles = [ctl.on(Event.ITERATION_COMPLETED, self._on_iteration)]
         if self.test is not None:
             self._handles.append(ctl.on(Event.METRICS_OBSERVED, self._on_metrics))
         ctl.add_report_section("cpt", self._report)
+
+    def _warn_if_short(self, total: int, stacklevel: int) -> None:
+        """Warn when a cycle is too short for the rounded schedule ever to reach the upper bound (say
+        ``cycles=32`` over 140 iterations: 4 iterations per cycle, the cosine ramp peaks at 7 of 8 bits),
+        which silently trains at lower precision than asked."""
+        span = total - self.start
+        period = _period(total, self.cycles, self.start)
+        for what, (lo, hi) in (("forward", self.bounds), ("backward", self.grad_bits)):
+            peak = max(cycle_bits(period, lo, hi, self.profile, self.shape))
+            if peak >= hi:
+                continue
+            need = self._shortest_period_reaching(lo, hi, span)
+            if need is None:
+                msg = (f"CPT: the {self.profile} ramp from {lo} to {hi} {what} bits never rounds up to its "
+                       f"B_max of {hi} (it peaks at {peak}), whatever the number of cycles; use another "
+                       "profile or a smaller span")
+            else:
+                msg = (f"CPT: {self.cycles} cycles over {span} iterations last {period} iteration(s) each, "
+                       f"too short for the {self.profile} ramp to reach the {what} B_max of {hi} bits (it "
+                       f"peaks at {peak}); use cycles <= {span // need} or train for at least "
+                       f"{need * self.cycles + self.start} iterations")
+            warnings.warn(msg, stacklevel=stacklevel)
+
+    def _shortest_period_reaching(self, lo: int, hi: int, limit: int) -> int | None:
+        """The shortest cycle whose rounded schedule reaches ``hi``, at most ``limit`` iterations long.
+
+        Every profile rises with ``z``, and a cycle of ``P`` iterations gets no closer to the top than
+        ``z = (P - 1) / P``, so whether it reaches ``hi`` is monotone in ``P``: a binary search.
+        (A triangular cycle of even length also lands exactly on ``z = 1``; this bound ignores that.)
+        """
+        def reaches(p: int) -> bool:
+            return bool(np.rint(profile_value((p - 1) / p, lo, hi, self.profile)) >= hi)
+
+        if limit < 1 or not reaches(limit):
+            return None
+        a, b = 1, limit  # reaches(b) holds
+        while a < b:
+            mid = (a + b) // 2
+            if reaches(mid):
+                b = mid
+            else:
+                a = mid + 1
+        return a
 
     def detach(self) -> None:
         for h in self._handles:
@@ -421,6 +467,8 @@ class CPT(Policy):
         ended = self.test.record(float(value.detach()) if hasattr(value, "detach") else float(value))
         if ended:
             self.start = self.test.steps
+            if self.test.found:
+                self._warn_if_short(ctl.total_steps, stacklevel=3)
             if not self.test.found:
                 warnings.warn(f"CPT(bits='auto'): the precision range test found no precision from "
                               f"{self.test.start_bits} to {self.bits[1]} bits where {self.prt_metric!r} "

@@ -1,6 +1,6 @@
 """MuPPET (Rajagopal et al., ICML 2020): climb a precision ladder when gradient diversity says so.
 
-The rule (METHODS.md §2.2), with every constant a parameter:
+The rule (docs/methods.md#muppet-rule), with every constant a parameter:
 
 * The ladder is ``levels`` — by default 8, 12, 14 and 16-bit dynamic fixed point for weights,
   activations and gradients (:meth:`Precision.fixed_point`), then FP32 (quantization off).
@@ -24,9 +24,10 @@ Beyond the paper:
   the last ``resolution`` step gradients; ``T`` then uses the current epoch index) for runs with few,
   long epochs.
 
-Departures from the released code: gradients are cloned (the release forgets to, see METHODS.md) and
-the fixed-point quantizer saturates (see :func:`adaprec.quant.kernels.fixed_quantize`). Evaluation
-runs at the precision in force (``eval_decision`` is ``None``).
+Departures from the released code: gradients are cloned (the release forgets to, see
+docs/methods.md#muppet-rule) and the fixed-point quantizer saturates (see
+:func:`adaprec.quant.kernels.fixed_quantize`). Evaluation runs at the precision in force
+(``eval_decision`` is ``None``).
 
 Example:
     >>> round(muppet_threshold(2), 3), round(muppet_threshold(29), 3)

@@ -12,12 +12,21 @@ path of a TOML recipe::
 Third-party packages register policies through the entry-point group ``adaprec.policies``; each entry
 point names a Policy subclass (or a factory) and its entry-point name becomes the policy name.
 
+Recipes that ship with adaprec live in the package (``adaprec/recipes/``, so an installed wheel has them)
+and are used by name: ``policy="cpt-cifar"``. A path that does not exist but names a shipped recipe in a
+folder called ``policies`` (``"policies/cpt-cifar.toml"``, where adaprec 0.1 kept them in a checkout) is
+read from the package too; an existing file of that name always wins.
+
 Example:
     >>> from adaprec.policies import make_policy, list_policies
     >>> "fixed" in list_policies()
     True
     >>> make_policy("fixed", bits=6).config()
     {'bits': 6}
+    >>> sorted(list_recipes())
+    ['cpt-cifar', 'cpt-imagenet']
+    >>> make_policy("cpt-imagenet").config()["bits"]
+    [4, 8]
 """
 
 from __future__ import annotations
@@ -37,9 +46,13 @@ except ModuleNotFoundError:  # Python 3.10: the same parser ships as the "tomli"
 from .base import Policy
 
 __all__ = ["register_policy", "list_policies", "make_policy", "load_recipe", "recipe_text",
-           "write_recipe", "ENTRY_POINT_GROUP"]
+           "write_recipe", "list_recipes", "find_recipe", "ENTRY_POINT_GROUP", "RECIPES_DIR"]
 
 ENTRY_POINT_GROUP = "adaprec.policies"
+
+#: The recipes shipped with adaprec (package data, so they are in every wheel).
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_OLD_RECIPE_FOLDER = "policies"  # where a 0.1 checkout kept them
 
 
 @dataclass
@@ -103,9 +116,11 @@ def make_policy(spec: Any, **overrides: Any) -> Policy:
         raise TypeError(f"policy must be a name, a Policy object or a .toml recipe path, "
                         f"got {type(spec).__name__}")
     _load_plugins()
+    if spec not in _REGISTRY and spec in list_recipes():  # a shipped recipe by name
+        return make_policy(list_recipes()[spec], **overrides)
     if spec not in _REGISTRY:
-        raise ValueError(f"unknown policy {spec!r}; known policies: {sorted(_REGISTRY)} "
-                         f"(or give a Policy object or a .toml recipe path)")
+        raise ValueError(f"unknown policy {spec!r}; known policies: {sorted(_REGISTRY)}, shipped recipes: "
+                         f"{sorted(list_recipes())} (or give a Policy object or a .toml recipe path)")
     factory = _REGISTRY[spec].factory
     try:
         sig = inspect.signature(factory)
@@ -118,11 +133,33 @@ def make_policy(spec: Any, **overrides: Any) -> Policy:
     return factory(**overrides)
 
 
+def list_recipes() -> dict[str, Path]:
+    """The recipes shipped with adaprec, by name (the file name without ``.toml``)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))}
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """The recipe file ``spec`` names: an existing file; a shipped recipe's name (``"cpt-cifar"``); or
+    ``policies/<name>.toml`` of a shipped recipe when no such file exists (adaprec 0.1's checkout layout).
+
+    Raises ``FileNotFoundError`` (listing the shipped recipes) when it names none of these.
+    """
+    p = Path(spec)
+    if p.is_file():
+        return p
+    shipped = list_recipes()
+    if p.suffix == "" and str(spec) in shipped:
+        return shipped[str(spec)]
+    if p.suffix == ".toml" and p.parent.name == _OLD_RECIPE_FOLDER and p.stem in shipped:
+        return shipped[p.stem]
+    raise FileNotFoundError(f"recipe file {str(p)!r} does not exist; shipped recipes (use them by name): "
+                            f"{', '.join(shipped) or 'none'}")
+
+
 def load_recipe(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """Read a recipe file; returns ``(policy name, params)``. Unknown keys are an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"recipe file {str(p)!r} does not exist")
+    """Read a recipe (a file, or a shipped recipe, see :func:`find_recipe`); returns ``(policy name,
+    params)``. Unknown keys are an error."""
+    p = find_recipe(path)
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:

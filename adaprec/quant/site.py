@@ -70,7 +70,8 @@ class Quantizer:
     program). ``axis`` is the dimension along which the layer's product reduces (block-scaled formats put
     their blocks there); ``rng`` the stochastic-rounding generator key. Activation quantizers with
     ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that eval mode uses instead of the batch
-    range, for formats that read one (:attr:`~adaprec.formats.Format.uses_range`).
+    range, for formats that read one (:attr:`~adaprec.formats.Format.uses_range`;
+    docs/methods.md#sbm-quantizer).
 
     Example:
         >>> import torch

@@ -136,7 +136,8 @@ class Task(abc.ABC):
     ``primary_metric`` names the key of ``evaluate()`` that ranks runs, ``direction`` says whether
     larger ("maximize") or smaller ("minimize") is better, and ``observe_key`` is the name under which
     the training loop passes the validation value to ``Controller.observe`` (``val_acc``/``val_loss``).
-    ``defaults`` holds training hyper-parameters that work for this task (epochs, batch_size, lr, ...).
+    ``defaults`` holds training hyper-parameters that work for this task (epochs, batch_size, lr, ...) and,
+    optionally, ``threads``: the torch CPU threads the command line uses unless told otherwise.
 
     Example:
         >>> from adaprec.tasks import get_task

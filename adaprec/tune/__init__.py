@@ -31,25 +31,39 @@ Example:
     True
 """
 
-from .cli import add_tune_parser, run_tune
-from .report import dominates, pareto_table, plot_pareto, trials_table
-from .space import has_search_space, metric_directions, paper_trial_params, suggest, tunable_policies
-from .storage import DEFAULT_STORAGE, StorageError, open_storage
-from .study import (
-    FINISHED,
-    EpochReporter,
-    Objective,
-    choose_trial,
-    create_study,
-    objective,
-    optimize,
-    pareto_front,
-    policy_from,
-    study_info,
-    tune,
-    write_best_recipe,
-)
-from .task import task_train_fn
+from typing import Any as _Any
+
+#: Where studies go when no storage is given: a SQLite file in the current folder. (Defined here, not in
+#: :mod:`adaprec.tune.storage`, so that the CLI can show it without importing Optuna.)
+DEFAULT_STORAGE = "sqlite:///adaprec-studies.db"
+
+# Names and the sub-module that defines them. They are imported on first use (PEP 562), so that
+# ``adaprec tune --help`` and ``import adaprec.tune.cli`` do not load Optuna.
+_EXPORTS = {
+    "cli": ("add_tune_parser", "run_tune"),
+    "report": ("dominates", "pareto_table", "plot_pareto", "trials_table"),
+    "space": ("has_search_space", "metric_directions", "paper_trial_params", "suggest", "tunable_policies"),
+    "storage": ("StorageError", "open_storage"),
+    "study": ("FINISHED", "EpochReporter", "Objective", "choose_trial", "create_study", "objective",
+              "optimize", "pareto_front", "policy_from", "study_info", "tune", "write_best_recipe"),
+    "task": ("task_train_fn",),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value  # later look-ups are plain attribute reads
+        return value
+    raise AttributeError(f"module 'adaprec.tune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "objective", "Objective", "EpochReporter", "create_study", "optimize", "tune", "study_info",

@@ -31,7 +31,7 @@ __all__ = ["add_tune_parser", "run_tune", "main"]
 
 def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``tune`` sub-command to an ``argparse`` sub-parsers object; returns its parser."""
-    from .storage import DEFAULT_STORAGE
+    from . import DEFAULT_STORAGE
 
     p = subparsers.add_parser(
         "tune", help="tune a policy's knobs with Optuna (multi-objective, resumable, distributed)",
@@ -56,8 +56,8 @@ def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's)")
     p.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is often fastest for small models and "
-                        "when several workers share a machine)")
+                   help="torch CPU threads (default: the task's, 1 for digits and charlm, else torch's; 1 "
+                        "is often fastest for small models and when several workers share a machine)")
     p.add_argument("--train-seed", type=int, default=0,
                    help="model init and batch order, the same for every trial (default 0)")
     p.add_argument("--seed", type=int, default=0,
@@ -95,12 +95,13 @@ def run_tune(args: argparse.Namespace) -> int:
         task = get_task(args.task)
         metrics = _split(args.objectives) or [task.primary_metric, "gbitops"]
         name = args.study or f"{args.policy}-{task.name}"
-        if args.threads is not None:
-            if args.threads <= 0:
-                raise ValueError(f"--threads must be a positive int, got {args.threads}")
+        threads = args.threads if args.threads is not None else task.defaults.get("threads")
+        if threads is not None:
+            if threads <= 0:
+                raise ValueError(f"--threads must be a positive int, got {threads}")
             import torch
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(threads)
         out = Path(args.out)
         if not out.is_dir():
             raise ValueError(f"--out folder {str(out)!r} does not exist")

@@ -79,10 +79,8 @@ def plot_pareto(study: optuna.Study, path: str | Path, metrics: Sequence[str] | 
     Two metrics: the first on the y axis against the second on the x axis (accuracy vs GBitOPs). One
     metric: the value per trial number with the running best. More than two: the first two.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API: no pyplot, so a notebook's backend is left alone.
+    from matplotlib.figure import Figure
 
     metrics = list(metrics or study_info(study).get("metrics")
                    or [f"value{i}" for i in range(len(study.directions))])
@@ -91,40 +89,38 @@ def plot_pareto(study: optuna.Study, path: str | Path, metrics: Sequence[str] | 
         raise ValueError(f"study {study.study_name!r} has no completed trial to plot")
     front = pareto_front(study)
     defaults = [t for t in complete if t.user_attrs.get("paper_default")]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    try:
-        if len(metrics) == 1:
-            xs = [t.number for t in complete]
-            ax.plot(xs, [t.values[0] for t in complete], "o", color="0.6", label="trials")
-            best, run = [], None
-            maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-            for t in complete:
-                v = t.values[0]
-                run = v if run is None else (max(run, v) if maximize else min(run, v))
-                best.append(run)
-            ax.step(xs, best, where="post", color="C0", label="best so far")
-            ax.set_xlabel("trial")
-            ax.set_ylabel(metrics[0])
-            for t in defaults:
-                ax.plot([t.number], [t.values[0]], "o", ms=12, mfc="none", mec="C3", label="paper default")
-        else:
-            xm, ym = 1, 0
-            ax.plot([t.values[xm] for t in complete], [t.values[ym] for t in complete], "o", color="0.65",
-                    label=f"trials ({len(complete)})")
-            pts = sorted((t.values[xm], t.values[ym]) for t in front)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C0",
-                    label=f"Pareto front ({len(front)})")
-            for t in defaults:
-                ax.plot([t.values[xm]], [t.values[ym]], "o", ms=13, mfc="none", mec="C3", mew=2,
-                        label="paper default")
-            ax.set_xlabel(metrics[xm])
-            ax.set_ylabel(metrics[ym])
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        ax.set_title(title or f"{study.study_name}: {study_info(study).get('policy', '')}".rstrip(": "))
-        fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6.4, 4.6), dpi=120)
+    ax = fig.subplots()
+    if len(metrics) == 1:
+        xs = [t.number for t in complete]
+        ax.plot(xs, [t.values[0] for t in complete], "o", color="0.6", label="trials")
+        best, run = [], None
+        maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        for t in complete:
+            v = t.values[0]
+            run = v if run is None else (max(run, v) if maximize else min(run, v))
+            best.append(run)
+        ax.step(xs, best, where="post", color="C0", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(metrics[0])
+        for t in defaults:
+            ax.plot([t.number], [t.values[0]], "o", ms=12, mfc="none", mec="C3", label="paper default")
+    else:
+        xm, ym = 1, 0
+        ax.plot([t.values[xm] for t in complete], [t.values[ym] for t in complete], "o", color="0.65",
+                label=f"trials ({len(complete)})")
+        pts = sorted((t.values[xm], t.values[ym]) for t in front)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C0",
+                label=f"Pareto front ({len(front)})")
+        for t in defaults:
+            ax.plot([t.values[xm]], [t.values[ym]], "o", ms=13, mfc="none", mec="C3", mew=2,
+                    label="paper default")
+        ax.set_xlabel(metrics[xm])
+        ax.set_ylabel(metrics[ym])
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or f"{study.study_name}: {study_info(study).get('policy', '')}".rstrip(": "))
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
     return out

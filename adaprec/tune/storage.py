@@ -44,10 +44,11 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from . import DEFAULT_STORAGE  # defined in the package, so that the CLI shows it without Optuna
+
 __all__ = ["DEFAULT_STORAGE", "StorageError", "open_storage", "storage_url", "redact",
            "HeartbeatJournalStorage"]
 
-DEFAULT_STORAGE = "sqlite:///adaprec-studies.db"
 _JOURNAL_SUFFIXES = (".log", ".journal")
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 HEARTBEAT_KEY = "adaprec:heartbeat"

@@ -270,6 +270,11 @@ def create_study(name: str, storage: Any = None, *, policy: Any = "cpt",
     if _ATTR_POLICY not in study.user_attrs:
         study.set_user_attr(_ATTR_POLICY, pname)
         study.set_user_attr(_ATTR_METRICS, list(metrics))
+    if study.metric_names is None:
+        # Optuna's dashboard and plots label the axes with these instead of "Objective 0/1".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(metrics))
     if defaults is not None:
         # skip_if_exists: a resumed study, or a second worker, must not queue the default again.
         study.enqueue_trial(defaults, user_attrs={"paper_default": True}, skip_if_exists=True)
