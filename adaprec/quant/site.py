@@ -8,6 +8,8 @@ model, so ``model.state_dict()`` keeps its keys (DESIGN.md contract 2).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -17,15 +19,38 @@ from . import kernels
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(fn, x: Tensor, *args: object) -> Tensor:
+    """``fn(x, ...)`` computed in float32 for half-precision ``x``, cast back and kept finite.
+
+    The kernels' arithmetic (scales, ``v + noise``, frexp) loses the low bits in bf16/fp16: stochastic
+    rounding became biased (+0.4 grid steps in bf16) and fp16 scales underflowed to inf/NaN. A value
+    a format rounds up past the dtype's largest finite number (bf16's grid on an fp16 tensor) saturates
+    to it instead of becoming inf, like the formats themselves saturate.
+    """
+    if x.dtype not in _HALF:
+        return fn(x, *args)
+    y = fn(x.float(), *args)
+    big = torch.finfo(x.dtype).max
+    return y.clamp_(-big, big).to(x.dtype)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
 class _STE(torch.autograd.Function):
     """Quantize in the forward, pass the gradient straight through."""
 
     @staticmethod
     def forward(ctx, x, kind, p, per_channel, stochastic, lo, hi):  # noqa: D102
-        return kernels.quantize(x, kind, p, per_channel, stochastic, lo, hi)
+        return _in_float32(kernels.quantize, x, kind, p, per_channel, stochastic, _f32(lo), _f32(hi))
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
+        # The identity: differentiable again as it is, so create_graph=True sees a straight-through path.
         return g, None, None, None, None, None, None
 
 
@@ -47,7 +72,13 @@ class _GradQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         (p,) = ctx.saved_tensors
-        return kernels.quantize(g, ctx.kind, p, False, ctx.stochastic), None, None, None
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, higher-order derivatives): the quantized error
+            # must itself be differentiable. Rounding has a zero derivative, which would silently zero
+            # every second-order term through this layer; the straight-through estimator treats the
+            # error quantizer as the identity there, as the forward quantizers are treated.
+            return ste(g, ctx.kind, p, False, ctx.stochastic), None, None, None
+        return _in_float32(kernels.quantize, g, ctx.kind, p, False, ctx.stochastic), None, None, None
 
 
 def ste(x: Tensor, kind: str, p: Tensor, per_channel: bool, stochastic: bool,
@@ -103,11 +134,19 @@ class Quantizer:
     def active(self) -> bool:
         return self.kind != "fp32"
 
-    def __call__(self, x: Tensor, training: bool = True) -> Tensor:
-        """Fake-quantize ``x`` (STE)."""
+    def __call__(self, x: Tensor, training: bool = True, *, channel_dim: int = 0,
+                 update: bool = True) -> Tensor:
+        """Fake-quantize ``x`` (STE).
+
+        ``channel_dim``: the output-channel dimension for per-channel formats (the kernels take dim 0);
+        ``update=False`` leaves the running activation range alone (an activation-checkpoint recompute).
+        """
         if self.range is not None and self.kind == "int" and not self.per_channel:
-            lo, hi = self._range(x, training)
+            lo, hi = self._range(x, training, update)
             return ste(x, self.kind, self.p, False, self.stochastic, lo, hi)
+        if channel_dim and self.per_channel and x.dim() > channel_dim:
+            y = ste(x.movedim(channel_dim, 0), self.kind, self.p, True, self.stochastic)
+            return y.movedim(0, channel_dim)
         return ste(x, self.kind, self.p, self.per_channel, self.stochastic)
 
     def grad(self, y: Tensor) -> Tensor:
@@ -117,11 +156,14 @@ class Quantizer:
         return quantize_grad(y, self.kind, self.p, self.stochastic)
 
     @torch.no_grad()
-    def _range(self, x: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        """Batch range in training (also folded into the EMA); the EMA in eval, once one exists."""
+    def _range(self, x: Tensor, training: bool, update: bool = True) -> tuple[Tensor, Tensor]:
+        """Batch range in training (also folded into the EMA unless ``update=False``); the EMA in eval,
+        once one exists."""
         lo, hi = torch.aminmax(x.detach())
         cur = torch.stack((lo, hi)).to(self.range.dtype)
         if training:
+            if not update:
+                return lo, hi
             ema = self.range * self.momentum + cur * (1.0 - self.momentum)
             self.range.copy_(torch.where(self.seen, ema, cur))
             self.seen.fill_(True)
@@ -131,6 +173,13 @@ class Quantizer:
 
     def state(self) -> dict[str, Tensor]:
         return {} if self.range is None else {"range": self.range.clone(), "seen": self.seen.clone()}
+
+    def to(self, device: torch.device) -> None:
+        """Move the format parameters and the running range to ``device`` (they stay float32)."""
+        self.p = self.p.to(device)
+        if self.range is not None:
+            self.range = self.range.to(device)
+            self.seen = self.seen.to(device)
 
     def load_state(self, d: dict[str, Tensor]) -> None:
         if self.range is not None and d:
@@ -159,6 +208,10 @@ class LayerSite:
 
     ``macs`` (a 0-d float64 tensor, usually a slot of the backend's counter) accumulates the
     multiply-accumulates of the forward products of training forwards until the cost meter reads it.
+    ``kind`` is the layer's :class:`~adaprec.quant.layers.LayerKind` (looked up when not given). While
+    the layer's forward runs (between the hooks of :mod:`adaprec.quant.attach`), ``w`` holds the
+    quantized weights of that call by name; ``native[training]`` is set by a backend whose own forward
+    quantizes (the hardware routes), and ``recomputing`` marks an activation-checkpoint recompute.
 
     Example:
         >>> import torch
@@ -168,16 +221,32 @@ class LayerSite:
         ('int', 'int')
     """
 
-    def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None) -> None:
+    def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None,
+                 kind: object | None = None) -> None:
         self.name = name
         self.module = module
+        if kind is None:
+            from .layers import layer_kind  # late: layers imports nothing from here, but keep it cheap
+
+            kind = layer_kind(module)
+        self.kind = kind
         device = next(module.parameters()).device
+        self.device = device
         self.train = _Roles(device, track_range=True)
         self.eval = _Roles(device, track_range=False)
+        self._share_range()
+        self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
+        self.w: dict[str, Tensor] | None = None
+        self.recomputing = False
+        self.native = [False, False]  # indexed by ``training``
+        self.weights: list[tuple[str, torch.nn.Module, object]] = []
+        self.hook_ids: frozenset[int] = frozenset()
+        self.backend: Any = None  # a backend's own per-layer state (the hardware routes)
+
+    def _share_range(self) -> None:
         # Eval mode reads the running range collected by the training activation quantizer.
         self.eval.activation.range = self.train.activation.range
         self.eval.activation.seen = self.train.activation.seen
-        self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
 
     def roles(self, training: bool) -> _Roles:
         return self.train if training else self.eval
@@ -189,6 +258,25 @@ class LayerSite:
     def count(self, macs: int) -> None:
         """Add one training forward's multiply-accumulates (an in-place add: no sync, no guard)."""
         self.macs.add_(macs)
+
+    def follow(self, module: torch.nn.Module) -> None:
+        """Keep the state on the device of ``module``'s parameters (after ``.to()``/``.cuda()``).
+
+        The MAC counter stays where it is: it only ever adds host integers.
+        """
+        p = next(module.parameters(), None)
+        if p is None or p.device == self.device:
+            return
+        for roles in (self.train, self.eval):
+            roles.weight.to(p.device)
+            roles.gradient.to(p.device)
+            p_only = roles.activation.range is None or roles is self.eval
+            if p_only:
+                roles.activation.p = roles.activation.p.to(p.device)
+            else:
+                roles.activation.to(p.device)
+        self._share_range()
+        self.device = p.device
 
     def state(self) -> dict[str, Tensor]:
         return self.train.activation.state()
