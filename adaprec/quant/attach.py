@@ -241,8 +241,15 @@ def _strip(state: Any, hook_ids: frozenset[int]) -> Any:
     return state if slots is None else (state, slots)
 
 
+def _newobj_plain(base: type, *args: Any) -> Any:
+    """Reconstructor for a plain module whose class takes ``__new__`` arguments (rare)."""
+    return base.__new__(base, *args)
+
+
 def _reduce_ex(self: nn.Module, protocol: int) -> Any:
-    # Copies and pickles of a quantized module are plain modules of the original class.
+    # Copies and pickles of a quantized module are plain modules of the original class. The pickler
+    # refuses ``copyreg.__newobj__`` with a class other than ``type(obj)``, so a plain instance is made
+    # by ``copyreg._reconstructor`` (standard library: loading needs no adaprec), then given the state.
     cls = type(self)
     base = cls._adaprec_base
     rv = base.__reduce_ex__(self, protocol)
@@ -250,8 +257,9 @@ def _reduce_ex(self: nn.Module, protocol: int) -> Any:
         return rv
     fn, args, state, *rest = rv
     if fn is copyreg.__newobj__ and args and args[0] is cls:
-        args = (base,) + tuple(args[1:])
-    elif fn is copyreg._reconstructor and len(args) >= 1 and args[0] is cls:  # protocols 0 and 1
+        fn, args = (copyreg._reconstructor, (base, object, None)) if len(args) == 1 else \
+            (_newobj_plain, (base,) + tuple(args[1:]))
+    elif fn is copyreg._reconstructor and args and args[0] is cls:  # protocols 0 and 1
         args = (base,) + tuple(args[1:])
     site = self.__dict__.get(SITE)
     return (fn, args, _strip(state, site.hook_ids if site is not None else frozenset()), *rest)
