@@ -266,9 +266,9 @@ class Controller:
         self._active = False
         self._exited = False
         self._pending_state: dict[str, Any] | None = None  # load_state_dict() before start()
-        # The epoch in progress: open?, its first step, and (ctl.epoch) its owner and batches.
+        # The epoch in progress: open?, its iterations, and (ctl.epoch) its owner and batches.
         self._epoch_open = False
-        self._epoch_first_step = 0
+        self._epoch_iters = 0  # iterations completed since begin_epoch()
         self._epoch_owner: object | None = None
         self._epoch_batches = 0
         self._epoch_last_done = False  # ctl.epoch(): the last batch's iteration has completed
@@ -381,7 +381,7 @@ class Controller:
             if exc is None:
                 self._raise_deferred()
                 if self._epoch_open:
-                    self._finish_epoch(self._epoch_batches or self.step_count - self._epoch_first_step)
+                    self._finish_epoch(self._epoch_batches or self._epoch_iters)
                 self.fire(Event.FIT_COMPLETED)
             else:
                 self._deferred = None  # the run's own exception is what matters
@@ -477,11 +477,11 @@ class Controller:
         if self._epoch_open:
             warnings.warn(f"adaprec: epoch {self.epoch_index} was still open (a ctl.epoch() loop kept alive "
                           "after leaving it early, or begin_epoch() twice); ending it now", stacklevel=2)
-            self._finish_epoch(self._epoch_batches or self.step_count - self._epoch_first_step)
+            self._finish_epoch(self._epoch_batches or self._epoch_iters)
         if epoch is not None:
             self.epoch_index = epoch
         self._epoch_open = True
-        self._epoch_first_step = self.step_count
+        self._epoch_iters = 0
         self._epoch_owner = None
         self._epoch_batches = 0
         self._epoch_last_done = False
@@ -495,7 +495,7 @@ class Controller:
             raise RuntimeError("no epoch is open: call ctl.begin_epoch() first (ctl.epoch(loader) does both)")
         if batches is not None:
             batches = _count("batches", batches)
-        self._finish_epoch(self.step_count - self._epoch_first_step if batches is None else batches)
+        self._finish_epoch(self._epoch_iters if batches is None else batches)
 
     def _finish_epoch(self, batches: int) -> None:
         self._epoch_open = False
@@ -574,6 +574,7 @@ class Controller:
         self._steps_at[self._key] = self._steps_at.get(self._key, 0) + 1
         self.fire(Event.ITERATION_COMPLETED, step=self.step_count)
         self._step += 1
+        self._epoch_iters += 1
         if self._epoch_last_done is None:  # the last batch of a ctl.epoch() loop has stepped
             self._epoch_last_done = True
         self._start_iteration()
