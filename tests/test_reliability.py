@@ -158,6 +158,9 @@ def test_device_and_dtype_moves_inside() -> None:
         x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
         model(x).sum().backward()
         assert x.grad.dtype == torch.float64 and torch.isfinite(x.grad).all()
+        model.to(torch.bfloat16)
+        y = model(torch.randn(5, 6, dtype=torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         model.float()
         model.to("meta")  # a device move: the quantizer state follows the parameters
         out = model(torch.randn(5, 6, device="meta"))
@@ -476,3 +479,49 @@ def test_functools_partial_forward_is_not_a_problem() -> None:
         inside = layer(x)
     xq, wq = IntFormat(2).quantize(x), IntFormat(2, per_channel=True).quantize(layer.weight.detach())
     assert torch.equal(inside, F.linear(xq, wq, layer.bias) + 1.0)
+
+
+# --- other libraries' class and attribute tricks on a layer --------------------------------------------
+
+def test_parametrizations_before_and_inside_the_block() -> None:
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = _mlp()
+    parametrizations.weight_norm(model[0])  # before: a parametrized class under adaprec's
+    keys = list(model.state_dict())
+    x = torch.randn(5, 6)
+    with adaprec.Controller(model, policy=Fixed(bits=3), classifier_floor=False):
+        assert list(model.state_dict()) == keys
+        w = model[0].weight  # outside the forward: the parametrization's value
+        wq = IntFormat(3, per_channel=True).quantize(w.detach())
+        h = model[0](x)
+        assert torch.equal(h, F.linear(IntFormat(3).quantize(x), wq, model[0].bias))
+        parametrize.register_parametrization(model[2], "weight", nn.Identity())  # inside the block
+        hq = IntFormat(3).quantize(F.relu(h))
+        assert torch.equal(model[2](F.relu(h)), F.linear(hq, model[2].weight, model[2].bias))  # FP32 weight
+        model(x).sum().backward()
+        assert model[0].parametrizations.weight.original0.grad is not None
+    assert type(model[0]).__name__ == "ParametrizedLinear" and type(model[0]).__bases__ == (nn.Linear,)
+    assert type(model[2]).__bases__ == (nn.Linear,)
+    assert not any(k.startswith("_adaprec") for m in model.modules() for k in vars(m))
+    assert torch.equal(model[0](x), F.linear(x, model[0].weight, model[0].bias))
+
+
+def test_old_weight_norm_hook_before_the_block() -> None:
+    import warnings
+
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still used
+        nn.utils.weight_norm(model[0])  # keeps the computed weight as a plain attribute
+    x = torch.randn(5, 6)
+    with adaprec.Controller(model, policy=Fixed(bits=3), classifier_floor=False):
+        y = model[0](x)
+        w = model[0].weight
+        wq = IntFormat(3, per_channel=True).quantize(w.detach())
+        assert torch.equal(y, F.linear(IntFormat(3).quantize(x), wq, model[0].bias))
+        model(x).sum().backward()
+        assert model[0].weight_v.grad is not None
+    assert torch.equal(model[0](x), F.linear(x, model[0].weight, model[0].bias))
+    nn.utils.remove_weight_norm(model[0])
+    assert isinstance(model[0].weight, nn.Parameter)

@@ -117,7 +117,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     r = site.roles(training)
     if r.weight.active:
         dim = site.kind.channel_dim
-        site.w = {key: r.weight(raw(owner), channel_dim=dim) for key, owner, raw in site.weights}
+        site.w = {spec.key: r.weight(spec.raw(), channel_dim=dim) for spec in site.weights}
     if not r.activation.active:
         return None
     kind = site.kind
@@ -189,13 +189,42 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
 _CLASSES: dict[tuple[Any, ...], type] = {}
 
 
-def _raw_getter(base: type, pname: str) -> Callable[[nn.Module], Any]:
-    """How ``base`` itself produces ``module.<pname>``: a property of the class (a parametrized
-    layer's weight), or ``nn.Module.__getattr__`` (a registered parameter)."""
-    static = inspect.getattr_static(base, pname, None)
-    if isinstance(static, property) and static.fget is not None:
-        return static.fget
-    return lambda m: nn.Module.__getattr__(m, pname)
+def _raw_getter(cls: type, pname: str) -> Callable[[nn.Module], Any]:
+    """How ``cls`` without adaprec's classes produces ``module.<pname>``: a property of the class (a
+    parametrized layer's weight), an instance attribute (the old hook-based ``weight_norm`` keeps the
+    computed weight there), or ``nn.Module.__getattr__`` (a registered parameter)."""
+    for c in cls.__mro__:
+        if "_adaprec_base" in vars(c):
+            continue  # ours
+        static = vars(c).get(pname)
+        if isinstance(static, property) and static.fget is not None:
+            return static.fget
+        if static is not None:
+            break
+
+    def raw(m: nn.Module) -> Any:
+        d = m.__dict__
+        return d[pname] if pname in d else nn.Module.__getattr__(m, pname)
+
+    return raw
+
+
+class _WeightSpec:
+    """One quantized weight of a layer: its key, the module holding it and how to read it raw."""
+
+    __slots__ = ("key", "owner", "pname", "cls", "getter")
+
+    def __init__(self, key: str, owner: nn.Module, pname: str) -> None:
+        self.key, self.owner, self.pname = key, owner, pname
+        self.cls = type(owner)
+        self.getter = _raw_getter(self.cls, pname)
+
+    def raw(self) -> Any:
+        owner = self.owner
+        if type(owner) is not self.cls:  # a class put on top inside the block (parametrize)
+            self.cls = type(owner)
+            self.getter = _raw_getter(self.cls, self.pname)
+        return self.getter(owner)
 
 
 def _weight_property(base: type, pname: str) -> property:
@@ -209,8 +238,20 @@ def _weight_property(base: type, pname: str) -> property:
         return raw(self)
 
     static = inspect.getattr_static(base, pname, None)
-    fset = static.fset if isinstance(static, property) else None
-    return property(fget, fset, doc=f"{pname}: quantized while the layer's forward runs (adaprec)")
+    if isinstance(static, property):
+        fset, fdel = static.fset, static.fdel
+    else:
+        # nn.Module.__setattr__ handles Parameters itself; plain values (weight_norm's computed
+        # weight) reach object.__setattr__, i.e. here: keep them where the class without us would.
+        def fset(self: nn.Module, value: Any) -> None:
+            self.__dict__[pname] = value
+
+        def fdel(self: nn.Module) -> None:
+            if pname not in self.__dict__:
+                raise AttributeError(pname)
+            del self.__dict__[pname]
+
+    return property(fget, fset, fdel, doc=f"{pname}: quantized while the layer's forward runs (adaprec)")
 
 
 def _flat_weights_get(self: nn.Module) -> list[Any]:
@@ -295,6 +336,22 @@ def _quantized_class(base: type, props: tuple[str, ...], layer: bool,
     return cls
 
 
+def _unstack(cls: type, base: type) -> bool:
+    """Take our class out from under a class made on top of it inside the block (e.g.
+    ``torch.nn.utils.parametrize`` makes one per module): its bases become ``base`` again."""
+    for c in cls.__mro__[1:]:
+        if "_adaprec_base" in vars(c) and c._adaprec_base is base:
+            owner = next((k for k in cls.__mro__ if c in k.__bases__), None)
+            if owner is None:
+                return False
+            try:
+                owner.__bases__ = tuple(base if b is c else b for b in owner.__bases__)
+            except TypeError:
+                return False
+            return True
+    return True  # our class is not there any more (someone set __class__ back): nothing to undo
+
+
 # --- attaching -------------------------------------------------------------------------------------
 
 class Attachment:
@@ -310,12 +367,12 @@ class Attachment:
         self.handles = []
         for module, base in reversed(self.owners):
             cls = type(module)
-            if getattr(cls, "_adaprec_base", None) is base:
+            if getattr(cls, "_adaprec_base", None) is base and "_adaprec_base" in vars(cls):
                 module.__class__ = base
-            elif any(getattr(c, "_adaprec_base", None) is base for c in cls.__mro__):
+            elif not _unstack(cls, base):
                 warnings.warn(f"adaprec: the class of {base.__name__} layer {self.site.name!r} was "
-                              "replaced inside the Controller's block (e.g. torch.nn.utils.parametrize); "
-                              "its quantized properties stay on it", stacklevel=2)
+                              "replaced inside the Controller's block in a way adaprec cannot undo; its "
+                              "quantized properties stay on it", stacklevel=2)
             for k in _KEYS:
                 module.__dict__.pop(k, None)
         self.owners = []
@@ -340,7 +397,7 @@ def attach(layer: nn.Module, site: LayerSite, forward: Callable[..., Any] | None
         if is_attached(owner) or (owner is not layer and OWNER in owner.__dict__):
             raise RuntimeError(f"layer {site.name!r}: {key!r} belongs to a module another site quantizes")
         by_owner.setdefault(id(owner), (owner, []))[1].append((pname, key))
-        specs.append((key, owner, _raw_getter(type(owner), pname)))
+        specs.append(_WeightSpec(key, owner, pname))
     if id(layer) not in by_owner:
         by_owner[id(layer)] = (layer, [])
     site.weights = specs

@@ -239,7 +239,7 @@ class LayerSite:
         self.w: dict[str, Tensor] | None = None
         self.recomputing = False
         self.native = [False, False]  # indexed by ``training``
-        self.weights: list[tuple[str, torch.nn.Module, object]] = []
+        self.weights: list[Any] = []  # adaprec.quant.attach._WeightSpec, one per quantized weight
         self.hook_ids: frozenset[int] = frozenset()
         self.backend: Any = None  # a backend's own per-layer state (the hardware routes)
 
