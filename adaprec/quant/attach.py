@@ -95,9 +95,12 @@ def site_of(module: nn.Module) -> LayerSite | None:
 
 def _in_backward() -> bool:
     """True while autograd executes a backward pass: a forward now is a checkpoint recompute."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _GRAPH_TASK_ID is None:
         return False
-    return torch._C._current_graph_task_id() != -1
+    return _GRAPH_TASK_ID() != -1
+
+
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _act(q, x: Any, training: bool, update: bool) -> Any:
@@ -122,6 +125,8 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
         return None
     kind = site.kind
     update = not site.recomputing
+    if kind.inputs == 1 and args and not kwargs:  # the common case (Linear, conv, RNN), kept cheap
+        return (_act(r.activation, args[0], training, update),) + args[1:], kwargs
     # Quantize each distinct tensor once and keep identities: self-attention passes one tensor as
     # query, key and value, and the attention code checks ``query is key`` for its packed projection.
     seen: list[tuple[Any, Any]] = []
@@ -160,7 +165,7 @@ def _mark_error(g, out: Any, index: int) -> Any:
         return g.grad(out) if out.is_floating_point() else out
     if isinstance(out, tuple | list) and len(out) > index:
         items = list(out)
-        items[index] = _mark_error(g, items[index], index)
+        items[index] = _mark_error(g, items[index], 0)
         if isinstance(out, list):
             return items
         return type(out)(*items) if hasattr(out, "_fields") else tuple(items)  # a namedtuple, a tuple

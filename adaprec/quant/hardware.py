@@ -491,14 +491,14 @@ class _HwLayer:
 _EMPTY = torch.empty(0)
 
 
-def _hw_forward(self: nn.Module, x: Tensor) -> Tensor:
+def _hw_forward(self: nn.Module, *args: Tensor, **kwargs: Tensor) -> Tensor:
     """The class-level forward of a hardware-routed Linear/conv (see :mod:`adaprec.quant.attach`)."""
     site = self.__dict__[SITE]
     hw: _HwLayer = site.backend
     if site.native[self.training]:
-        return hw.forward(x)
+        return hw.forward(args[0] if args else kwargs["input"])
     hw.tally("sim")  # the hooks quantize around the layer's own forward, as on the simulated backend
-    return type(self)._adaprec_base.forward(self, x)
+    return type(self)._adaprec_base.forward(self, *args, **kwargs)
 
 
 def _stock_forward(module: nn.Module) -> bool:

@@ -46,7 +46,9 @@ class _STE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kind, p, per_channel, stochastic, lo, hi):  # noqa: D102
-        return _in_float32(kernels.quantize, x, kind, p, per_channel, stochastic, _f32(lo), _f32(hi))
+        if x.dtype in _HALF:
+            return _in_float32(kernels.quantize, x, kind, p, per_channel, stochastic, _f32(lo), _f32(hi))
+        return kernels.quantize(x, kind, p, per_channel, stochastic, lo, hi)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
