@@ -10,13 +10,23 @@ from . import constraints, policies
 from .controller import Controller, HistoryEntry, Report
 from .decision import Decision
 from .events import Event
-from .formats import FP32, FixedPoint, FloatFormat, IntFormat, Precision, parse_format
+from .formats import (
+    FP32,
+    BlockFormat,
+    FixedPoint,
+    FloatFormat,
+    Format,
+    IntFormat,
+    Precision,
+    parse_format,
+    register_format,
+)
 from .quant.layers import register_layer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Controller", "HistoryEntry", "Report", "Decision", "Event", "Precision", "IntFormat",
-    "FixedPoint", "FloatFormat", "FP32", "parse_format", "policies", "constraints", "register_layer",
-    "__version__",
+    "FixedPoint", "FloatFormat", "BlockFormat", "FP32", "Format", "parse_format", "register_format",
+    "policies", "constraints", "register_layer", "__version__",
 ]

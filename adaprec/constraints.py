@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from fnmatch import fnmatchcase
@@ -22,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .formats import FP32, FloatFormat, Format, Precision
+from .formats import Format, Precision
 
 __all__ = ["Floor", "Clamp", "Pin", "ClassifierFloor", "classifier_bits", "find_classifier",
            "select_layers", "raise_format", "check_selector_matches"]
@@ -73,14 +72,10 @@ def check_selector_matches(selector: str | list[str], names: list[str], what: st
 
 
 def raise_format(fmt: Format, bits: int) -> Format:
-    """``fmt`` with at least ``bits`` bits: integer/fixed formats widen, floats move up to bf16/FP32."""
-    if fmt.bits >= bits:
-        return fmt
-    if isinstance(fmt, FloatFormat):
-        return FloatFormat("bf16", fmt.rounding) if bits <= 16 else FP32()
-    if bits >= 32:
-        return FP32()
-    return dataclasses.replace(fmt, bits=bits)
+    """``fmt`` with at least ``bits`` bits: the lowest level of its ladder that has them
+    (:meth:`~adaprec.formats.Format.at_least`; integer/fixed formats widen, floats move up to bf16/FP32,
+    block-scaled formats climb mxfp4 -> mxfp6 -> mxfp8 -> bf16)."""
+    return fmt.at_least(bits)
 
 
 def _check_roles(roles: tuple[str, ...]) -> tuple[str, ...]:
@@ -113,8 +108,7 @@ class Floor:
         out = dict(layers)
         for n in select_layers(self.layers, list(layers)):
             p = out[n]
-            out[n] = dataclasses.replace(
-                p, **{r: raise_format(getattr(p, r), self.bits) for r in self.roles})
+            out[n] = p.map(lambda f: f.at_least(self.bits), self.roles)
         return out
 
     def __repr__(self) -> str:
@@ -122,7 +116,9 @@ class Floor:
 
 
 class Clamp:
-    """Clamp every integer/fixed-point width of every layer into ``[min_bits, max_bits]``.
+    """Clamp every free bit-width (integer, fixed point) of every layer into ``[min_bits, max_bits]``;
+    formats without a free width (floats, block-scaled) are left as they are
+    (:meth:`~adaprec.formats.Format.clamp`).
 
     Example:
         >>> from adaprec.formats import Precision
@@ -137,14 +133,8 @@ class Clamp:
                              f"got {min_bits!r}, {max_bits!r}")
         self.min_bits, self.max_bits = min_bits, max_bits
 
-    def _clamp(self, f: Format) -> Format:
-        if f.kind not in ("int", "fixed"):
-            return f
-        return dataclasses.replace(f, bits=min(max(f.bits, self.min_bits), self.max_bits))
-
     def __call__(self, layers: dict[str, Precision], ctl: Any) -> dict[str, Precision]:
-        return {n: dataclasses.replace(p, **{r: self._clamp(getattr(p, r)) for r in _ROLES})
-                for n, p in layers.items()}
+        return {n: p.map(lambda f: f.clamp(self.min_bits, self.max_bits)) for n, p in layers.items()}
 
 
 class Pin:
@@ -322,7 +312,7 @@ class ClassifierFloor:
         if name is None or bits is None:
             return layers
         p = layers[name]
-        new = dataclasses.replace(p, **{r: raise_format(getattr(p, r), bits) for r in self.roles})
+        new = p.map(lambda f: f.at_least(bits), self.roles)
         if new == p:
             return layers
         self.raised += 1

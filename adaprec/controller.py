@@ -33,6 +33,7 @@ from .cost import CostMeter
 from .decision import Decision
 from .events import Event, EventBus, Handle
 from .formats import Precision
+from .formats.rounding import RoundingRNG, register_rng, unregister_rng
 from .guard import DivergenceGuard
 from .policies import Policy, make_policy
 from .quant import find_layers, make_backend
@@ -67,9 +68,8 @@ class HistoryEntry:
 def _allow_in_checkpoints() -> None:
     # ctl.state_dict() holds these frozen dataclasses (history, guard floors); allow-listing them lets
     # torch.load's default weights_only=True read a checkpoint that contains it.
-    from .formats import FP32, FixedPoint, FloatFormat, IntFormat
-
-    torch.serialization.add_safe_globals([HistoryEntry, Precision, IntFormat, FixedPoint, FloatFormat, FP32])
+    # (Every registered format class is allow-listed by adaprec.formats.register_format.)
+    torch.serialization.add_safe_globals([HistoryEntry, Precision])
 
 
 _allow_in_checkpoints()
@@ -121,8 +121,10 @@ class Controller:
             :mod:`adaprec.constraints`).
         backend: ``"simulated"`` or a backend object.
         reference: the static precision savings are reported against (default CPT's 8/8): a
-            :class:`~adaprec.formats.Precision` or a format for all three roles (``"int8"``, ``8``,
-            ``"bf16"``).
+            :class:`~adaprec.formats.Precision` or a format spec for all three roles (``"int8"``, ``8``,
+            ``"fx8"``, ``"bf16"``…). The report compares with a static run at it under the same
+            constraints (``savings_vs_reference``) and with the idealised formula
+            (``savings_vs_reference_ideal``).
         scaler: the ``torch.amp.GradScaler`` whose ``scaler.step(optimizer)`` the loop calls. An
             iteration whose update the scaler skips (inf/NaN from a too-large loss scale) still counts
             as an iteration, as an LR scheduler stepped once per iteration counts it; without
@@ -163,7 +165,7 @@ class Controller:
         filter_fn: Callable[[nn.Module, str], bool] | None = None,
         constraints: Iterable[Constraint] = (),
         backend: Any = "simulated",
-        reference: Precision | None = None,
+        reference: Precision | str | int | None = None,
         logdir: str | None = None,
         guard: bool | DivergenceGuard = True,
         sync_stats: bool = True,
@@ -180,6 +182,7 @@ class Controller:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
+        reference = _read_reference(reference)
         self.policy: Policy = make_policy(policy)
         if getattr(self.policy, "needs_total_steps", False) and total_steps is None:
             raise ValueError(f"policy {self.policy.name!r} needs total_steps= (the planned number of "
@@ -205,7 +208,6 @@ class Controller:
             if not (callable(getattr(scaler, "step", None)) and callable(getattr(scaler, "update", None))):
                 raise TypeError(f"scaler must be a torch.amp.GradScaler (with step() and update()), got "
                                 f"{type(scaler).__name__}")
-        reference = _read_reference(reference)
         if logdir is not None and not isinstance(logdir, str | os.PathLike):
             raise TypeError(f"logdir must be a path (str or os.PathLike) or None, got "
                             f"{type(logdir).__name__}")
@@ -275,6 +277,10 @@ class Controller:
         self._deferred: BaseException | None = None  # an epoch end's error from a dropped loop
         self._in_scaler_step = False
         self.cost: CostMeter | None = None
+        # Stochastic rounding draws from generators of the controller's own, seeded from the user's seed
+        # without drawing from torch's stream (a DataLoader shuffles the same with and without adaprec).
+        self.rounding_rng = RoundingRNG(torch.initial_seed() + 7919 * _rank())
+        self._rng_key = 0
         if optimizer is not None:
             self.add_report_section("memory", memory_section(self))
         if self.weight_storage is not None:
@@ -338,8 +344,12 @@ class Controller:
             self._epoch = _count("epoch", epoch)
         try:
             self.layer_names = self.backend.attach(self.model, self._layers)
-            self.cost = CostMeter(self.layer_names, self.backend.macs, self.reference,
-                                  scale=_world_size())
+            self._rng_key = register_rng(self.rounding_rng)
+            self.backend.set_rng(self._rng_key)
+            ref = self.reference or Precision.cpt(8, 8)
+            ref_layers = self._constrain(Decision.uniform(ref).resolve(self.layer_names), static=True)
+            self.cost = CostMeter(self.layer_names, self.backend.macs, ref, scale=_world_size(),
+                                  reference_layers=ref_layers)
             self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.cost.step())
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
@@ -460,6 +470,7 @@ class Controller:
                 self.policy.detach()
         finally:
             self.backend.detach()
+            unregister_rng(self._rng_key)
             _ACTIVE.discard(self.model)
             self._active = False
             self._exited = True
@@ -607,8 +618,12 @@ class Controller:
         self._key = entry.summary()
         self.fire(Event.PRECISION_CHANGED, old=old, new=layers, step=self.step_count)
 
-    def _constrain(self, layers: dict[str, Precision]) -> dict[str, Precision]:
+    def _constrain(self, layers: dict[str, Precision], static: bool = False) -> dict[str, Precision]:
+        """Apply the constraints in order; ``static=True`` leaves out the divergence guard's run-time
+        floors (for the static reference run the savings are measured against)."""
         for c in self.constraints:
+            if static and c is self.guard:
+                continue
             layers = c(layers, self)
             if (not isinstance(layers, dict) or layers.keys() != set(self.layer_names)
                     or not all(isinstance(p, Precision) for p in layers.values())):
@@ -687,6 +702,7 @@ class Controller:
             "components": {k: c.state_dict() for k, c in self.components.items()
                            if hasattr(c, "state_dict")},
             "rng": rng,
+            "rounding_rng": self.rounding_rng.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -714,6 +730,8 @@ class Controller:
         for k, st in state.get("components", {}).items():
             if k in self.components and hasattr(self.components[k], "load_state_dict"):
                 self.components[k].load_state_dict(st)
+        if "rounding_rng" in state:
+            self.rounding_rng.load_state_dict(state["rounding_rng"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -753,13 +771,20 @@ def _count(name: str, value: Any) -> int:
 
 
 def _read_reference(spec: Any) -> Precision | None:
+    """The controller's ``reference=``: ``None``, a Precision, or a format spec for all three roles."""
     if spec is None or isinstance(spec, Precision):
         return spec
     try:
         return Precision.uniform(spec)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"reference must be an adaprec.Precision or one format for all three roles "
-                         f"('int8', 8, 'bf16', 'fx12', ...), got {spec!r}: {err}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"reference= must be an adaprec.Precision or a format spec such as 'int8', 8, "
+                         f"'fx8' or 'bf16' (the static run savings are measured against); got {spec!r}: "
+                         f"{e}") from None
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:

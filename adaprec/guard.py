@@ -7,8 +7,9 @@ exactly as they were), raises the precision of the affected layers by one level,
 failures — or at once if the affected layers already run in FP32, where quantization cannot be the
 cause — it stops with an error that names the layer and its precision.
 
-One level: integer/fixed-point widths grow by ``bits_step`` (capped at 16, then FP32); fp8 → bf16 →
-FP32. The raise is kept as a per-layer floor for the rest of the run (it is part of the controller's
+One level is the format's own :meth:`~adaprec.formats.Format.up`: integer/fixed-point widths grow by
+``bits_step`` (capped at 16, then FP32); fp8 → bf16 → FP32; mxfp4 → mxfp6 → mxfp8 → bf16.
+The raise is kept as a per-layer floor for the rest of the run (it is part of the controller's
 state_dict).
 
 Cost: the check reads one scalar from the device per step (the same host sync ``GradScaler.step``
@@ -30,13 +31,12 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .formats import FP32, FloatFormat, Format, Precision
+from .formats import Format, Precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import Controller
@@ -51,24 +51,15 @@ class DivergenceError(RuntimeError):
     """Training keeps producing non-finite values although precision was raised."""
 
 
-def _up(f: Format, step: int) -> Format:
-    if f.kind == "fp32":
-        return f
-    if isinstance(f, FloatFormat):
-        return FloatFormat("bf16", f.rounding) if f.bits < 16 else FP32()
-    if f.bits >= 16:
-        return FP32()
-    return dataclasses.replace(f, bits=min(16, f.bits + step))
-
-
 def raise_one_level(p: Precision, bits_step: int = 2) -> Precision:
-    """``p`` one level up in every role (see the module docstring)."""
-    return Precision(*(_up(getattr(p, r), bits_step) for r in _ROLES))
+    """``p`` one level up in every role: each format's :meth:`~adaprec.formats.Format.up` (``bits_step``
+    more bits where the width is free)."""
+    return p.map(lambda f: f.up(bits_step))
 
 
 def _at_least(p: Precision, floor: Precision) -> Precision:
     def pick(a: Format, b: Format) -> Format:
-        return b if b.bits > a.bits else a
+        return b if b.cost_bits > a.cost_bits else a
 
     return Precision(*(pick(getattr(p, r), getattr(floor, r)) for r in _ROLES))
 

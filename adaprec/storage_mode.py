@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .events import Event
-from .formats import FP32, FixedPoint, FloatFormat, Format, IntFormat, Precision
+from .formats import Format, Precision
 from .optim import optimizer_memory
 from .optim._stored import StoredParamsMixin, storage_defaults
 from .optim.storage import MASTER_SIGNIFICAND_BITS, significand_bits, storage_format
@@ -80,21 +80,14 @@ def storage_spec(fmt: Format, int_formats: str = "fixed") -> str:
     """
     if int_formats not in INT_FORMAT_RULES:
         raise ValueError(f"int_formats must be one of {INT_FORMAT_RULES}, got {int_formats!r}")
-    if isinstance(fmt, FixedPoint):
-        # A float32 tensor holds a fixed-point value exactly only up to 24 significand bits.
-        return "fp32" if fmt.bits > MASTER_SIGNIFICAND_BITS + 1 else f"fx{fmt.bits}"
-    if isinstance(fmt, IntFormat):
-        if int_formats == "error":
-            raise ValueError(
-                f"weight_storage: the policy's weight format {fmt.short()} is a min-max integer grid that "
-                "moves with the tensor at every call, so weights cannot be stored on it; use a fixed-point "
-                "or float policy, or StorageMode(int_formats='fixed') to store same-width fixed point")
-        return f"fx{max(fmt.bits, 2)}"
-    if isinstance(fmt, FloatFormat):
-        return fmt.name
-    if isinstance(fmt, FP32):
-        return "fp32"
-    raise ValueError(f"weight_storage: no storage format for weight format {fmt!r}")
+    stored = fmt.storage()
+    if int_formats == "error" and stored.short() != fmt.with_rounding("nearest").short():
+        raise ValueError(
+            f"weight_storage: the policy's weight format {fmt.short()} cannot hold stored weights on its own "
+            f"grid (it would be stored as {stored.short()}); use a fixed-point or float policy, or "
+            "StorageMode(int_formats='fixed') to store it that way")
+    # A float32 tensor holds at most 24 significand bits exactly: wider formats are stored as FP32.
+    return "fp32" if stored.significand_bits > MASTER_SIGNIFICAND_BITS else stored.short()
 
 
 def layer_weights(module: nn.Module) -> list[Tensor]:

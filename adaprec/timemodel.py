@@ -99,36 +99,6 @@ def _hardware(hw: str | Hardware) -> Hardware:
     raise ValueError(f"unknown hardware {hw!r}; known: {sorted(HARDWARE)} (or pass a Hardware object)")
 
 
-def _operand_types(fmt: Format) -> dict[str, int]:
-    """Hardware input types that hold every value of ``fmt`` exactly -> slices per operand."""
-    if fmt.kind == "fp32":
-        return {"fp32": 1}
-    if fmt.kind == "float":
-        name = getattr(fmt, "name", "")
-        if name.startswith("fp8"):
-            return {"fp8": 1, "fp16": 1, "bf16": 1, "tf32": 1, "fp32": 1}
-        if name == "fp16":
-            return {"fp16": 1, "tf32": 1, "fp32": 1}
-        if name == "bf16":
-            return {"bf16": 1, "tf32": 1, "fp32": 1}
-        return {"fp32": 1}
-    b = fmt.bits
-    # Signed fixed point needs b-1 magnitude bits, an unsigned integer grid b: an n-bit significand
-    # (implicit bit included) holds integers up to 2^n exactly.
-    mag = b - 1 if fmt.kind == "fixed" else b
-    out: dict[str, int] = {"fp32": 1} if mag <= 24 else {}
-    if b <= 4:
-        out["int4"] = 1
-    out["int8"] = math.ceil(b / 8)
-    if mag <= 11:
-        out["fp16"] = out["tf32"] = 1
-    if mag <= 8:
-        out["bf16"] = 1
-    if not out.get("fp32"):
-        out["fp32"] = 1  # wider than fp32's significand: fp32 is still the only float path
-    return out
-
-
 def product_rate(a: Format, b: Format, hardware: str | Hardware) -> tuple[float, str]:
     """Operations per second of one product with operand formats ``a`` and ``b``, and the type used.
 
@@ -140,7 +110,7 @@ def product_rate(a: Format, b: Format, hardware: str | Hardware) -> tuple[float,
         (67000000000000.0, 'fp32')
     """
     hw = _hardware(hardware)
-    ta, tb = _operand_types(a), _operand_types(b)
+    ta, tb = a.exact_in(), b.exact_in()  # each format knows the hardware types that hold it
     best = (0.0, "fp32")
     for t in ta.keys() & tb.keys():
         if t in hw.peak:

@@ -12,9 +12,9 @@ from torch import nn
 import adaprec
 from adaprec.decision import Decision
 from adaprec.formats import FP32, IntFormat, Precision
+from adaprec.formats.integer import int_quantize
 from adaprec.policies import Fixed, Policy
 from adaprec.quant import find_layers
-from adaprec.quant.kernels import int_quantize
 
 GRAD_ONLY = Precision(FP32(), FP32(), IntFormat(2, rounding="stochastic"))
 

@@ -227,16 +227,23 @@ def test_config_round_trips_through_a_recipe(tmp_path):
 
 def test_search_space_builds_valid_policies():
     optuna = pytest.importorskip("optuna")
-    trial = optuna.trial.FixedTrial({"b_min": 3, "span": 5, "grad_bits": 8, "cycles": 16, "profile": "exp",
-                                     "shape": "triangular"})
+    trial = optuna.trial.FixedTrial({"family": "int", "b_min": 3, "span": 5, "grad_bits": 8, "cycles": 16,
+                                     "profile": "exp", "shape": "triangular"})
     kwargs = CPT.search_space(trial)
     assert CPT(**kwargs).config()["bits"] == [3, 8]
+    mx_params = {"family": "mx", "mx_low": "mxfp4", "mx_grad": "mxfp8", "cycles": 4, "profile": "cos",
+                 "shape": "growth"}
+    mx = CPT(**CPT.search_space(optuna.trial.FixedTrial(mx_params)))
+    assert mx.config()["bits"] == ["mxfp4", "mxfp8"] and mx.bounds == (0, 2)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    families = set()
     for _ in range(20):
         t = study.ask()
         p = CPT(**CPT.search_space(t))
         lo, hi = p.bounds
-        assert 2 <= lo <= hi <= 12 and p.cycles in (1, 2, 4, 8, 16, 32)
+        families.add(t.params["family"])
+        assert 0 <= lo <= hi <= 12 and p.cycles in (1, 2, 4, 8, 16, 32)
+    assert families == {"int", "mx"}
 
 
 # --- bad input --------------------------------------------------------------------------------------

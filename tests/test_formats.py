@@ -170,13 +170,31 @@ def test_float_nearest_matches_torch_cast(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(FLOAT_FORMATS))
 def test_float_saturates_instead_of_overflowing(name: str) -> None:
-    fmt = FloatFormat(name)
+    fmt = FloatFormat(name, scaled=False)  # the raw grid (FP8's default is per-tensor scaled)
     vmax = fmt.spec.max_value
     x = torch.tensor([vmax * 1.5, float("inf"), -float("inf"), -vmax * 4, float("nan")])
     q = fmt.quantize(x)
     assert q[:4].tolist() == [vmax, vmax, -vmax, -vmax]
     assert math.isnan(q[4].item())
-    assert FloatFormat(name, rounding="stochastic").quantize(x[:4]).abs().max().item() == vmax
+    assert FloatFormat(name, rounding="stochastic", scaled=False).quantize(x[:4]).abs().max().item() == vmax
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e5])
+def test_scaled_fp8_maps_amax_to_the_grid_top(name: str, magnitude: float) -> None:
+    """Scaled FP8 (the default meaning of "fp8_*"): ``x / (amax / max)`` on the raw grid, times the scale —
+    the tensor's largest magnitude is exact, nothing overflows or underflows to zero at any magnitude."""
+    fmt = FloatFormat(name)
+    assert fmt.scaled and fmt.short() == name
+    assert FloatFormat(name, scaled=False).short() == name + "_unscaled"
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * magnitude
+    q = fmt.quantize(x)
+    amax = x.abs().max()
+    assert q.abs().max() == amax and torch.isfinite(q).all()
+    scale = amax / fmt.spec.max_value
+    raw = FloatFormat(name, scaled=False).quantize(x / scale) * scale
+    assert torch.equal(q, raw)
+    assert (q == 0).sum() == (x == 0).sum() or magnitude > 1  # a scaled grid keeps small tensors
 
 
 def test_float_stochastic_unbiased_between_neighbours() -> None:

@@ -67,12 +67,14 @@ ALL = set(KERNELS)
     (Precision.cpt(8, 8), LIN, ALL, Route("int8")),
     (Precision(IntFormat(8), IntFormat(8), FP32()), LIN, ALL, Route("int8")),
     (Precision.cpt(8, 8), CONV, ALL, Route("sim", kernel=False)),
-    (Precision.cpt(6, 8), LIN, ALL, Route("sim", kernel=False)),
+    (Precision.cpt(9, 8), LIN, ALL, Route("sim", kernel=False)),
     (Precision(IntFormat(8, True), IntFormat(8, True), IntFormat(8)), LIN, ALL, Route("sim", kernel=False)),
     (Precision(IntFormat(8, rounding="stochastic"), IntFormat(8), IntFormat(8)), LIN, ALL,
-     Route("sim", kernel=False)),
+     Route("int8")),                                                    # codes carry their own rounding
     (Precision(FloatFormat("bf16"), FloatFormat("bf16"), FP32()), LIN, ALL, Route("sim", kernel=False)),
-    (Precision.fixed_point(8), LIN, ALL, Route("sim", kernel=False)),
+    (Precision.fixed_point(8), LIN, ALL, Route("int8")),               # fx8: signed 8-bit codes
+    (Precision.fixed_point(9), LIN, ALL, Route("sim", kernel=False)),
+    (Precision.cpt(3, 8), LIN, ALL, Route("int8")),                     # every CPT width <= 8
     (Precision.fp32(), LIN, ALL, Route("sim", kernel=False)),
 ])
 def test_route_table(prec, module, ok, expect):
@@ -112,6 +114,7 @@ def _run(backend, prec, module, x, seed=1):
     try:
         backend.apply({"l": prec})
         xx = x.detach().clone().requires_grad_()
+        torch.manual_seed(seed + 1000)  # the same draws for stochastic forward rounding too
         y = m(xx)
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
         torch.manual_seed(seed)  # the same stochastic-rounding draws in every backend
@@ -203,6 +206,22 @@ def test_int8_linear_matches_simulation(per_channel):
     # A non-int8 error format goes through the simulated gradient quantizer instead.
     prec = Precision(IntFormat(8, per_channel=per_channel), IntFormat(8), FixedPoint(8))
     y, dx, dw, db, _ = _run(HardwareBackend(), prec, lin, x)
+    ys, dxs, dws, dbs, _ = _run(SimulatedBackend(), prec, lin, x)
+    for a, b in ((y, ys), (dx, dxs), (dw, dws), (db, dbs)):
+        _close(a, b, 2e-5)
+
+
+@needs["int8"]
+@pytest.mark.parametrize("bits", [2, 3, 5, 7, 8])
+@pytest.mark.parametrize("family", ["cpt", "fixed"])
+def test_every_integer_width_up_to_8_runs_on_int8_and_matches_simulation(bits, family):
+    """CPT's min-max grid of any width <= 8 and MuPPET's fixed point <= 8 bits reach the int8 route, with
+    the simulated route's numbers (same codes, same stochastic draws; float summation order only)."""
+    torch.manual_seed(0)
+    lin, x = nn.Linear(40, 24), torch.randn(2, 20, 40)
+    prec = Precision.cpt(bits, 8) if family == "cpt" else Precision.fixed_point(bits)
+    y, dx, dw, db, calls = _run(HardwareBackend(), prec, lin, x)
+    assert calls == {"l": {"int8": 1}}
     ys, dxs, dws, dbs, _ = _run(SimulatedBackend(), prec, lin, x)
     for a, b in ((y, ys), (dx, dxs), (dw, dws), (db, dbs)):
         _close(a, b, 2e-5)

@@ -1,11 +1,12 @@
 """Property tests (hypothesis) of every number format and of the CPT schedule.
 
-Formats: ``IntFormat`` per tensor and per channel, ``FixedPoint``, the four ``FloatFormat``s and
-``FP32``. Properties: nearest rounding is idempotent, every output lies on the format's grid inside its
-representable range (stochastic rounding too), nearest rounding is monotone, and stochastic rounding
-is unbiased (a statistical bound: 6 standard deviations plus the 2^-17-of-a-step resolution of the
-CPU noise, see :mod:`adaprec.quant.kernels`). The example-based tests of the same formats are in
-``test_formats.py``; the per-cycle bounds of ``cycle_bits`` in ``test_cpt.py``.
+Formats: ``IntFormat`` per tensor and per channel, ``FixedPoint``, the four ``FloatFormat``s (raw and
+per-tensor scaled) and ``FP32``. Properties: nearest rounding is idempotent, every output lies on the
+format's grid inside its representable range (stochastic rounding too), nearest rounding is monotone,
+and stochastic rounding is unbiased (a statistical bound: 6 standard deviations plus the
+2^-17-of-a-step resolution of the CPU noise, see :mod:`adaprec.formats.rounding`). The example-based
+tests of the same formats are in ``test_formats.py``; the
+per-cycle bounds of ``cycle_bits`` in ``test_cpt.py``.
 
 Example counts are kept small (the whole file runs in a few seconds); ``derandomize`` makes every run
 draw the same examples, so a CI failure reproduces.
@@ -49,7 +50,9 @@ def _formats(rounding: str) -> st.SearchStrategy[Format]:
     return st.one_of(
         st.builds(IntFormat, st.integers(1, 16), per_channel=st.booleans(), rounding=st.just(rounding)),
         st.builds(FixedPoint, st.integers(2, 24), rounding=st.just(rounding)),
-        st.builds(FloatFormat, st.sampled_from(FLOATS), rounding=st.just(rounding)),
+        st.builds(FloatFormat, st.sampled_from(FLOATS), rounding=st.just(rounding), scaled=st.just(False)),
+        st.builds(FloatFormat, st.sampled_from([n for n in FLOATS if n != "bf16"]),
+                  rounding=st.just(rounding), scaled=st.just(True)),
         st.just(FP32()),
     )
 
@@ -86,6 +89,14 @@ def _assert_representable(fmt: Format, x: torch.Tensor, q: torch.Tensor) -> None
         codes = q.double() * 2.0**s  # METHODS.md §2.1: integers of WL bits times 2^-s
         assert torch.equal(codes, codes.round())
         assert codes.min() >= -half and codes.max() <= half - 1
+    elif fmt.scaled:
+        # x / (amax / max) on the raw grid, times the scale: within float32 rounding of the product.
+        amax = x.abs().max()
+        assert q.abs().max() <= amax * (1 + 2**-23)
+        s = (amax / fmt.spec.max_value).clamp_min(torch.finfo(torch.float32).tiny)
+        c = q / s
+        raw = FloatFormat(fmt.name, scaled=False)
+        assert ((raw.quantize(c) - c).abs() <= 2**-21 * c.abs()).all()
     else:
         vmax = fmt.spec.max_value
         assert q.abs().max() <= vmax
@@ -104,6 +115,9 @@ def test_nearest_is_representable_and_idempotent(fmt: Format, x: torch.Tensor) -
         for a, b in zip(_rows(q, fmt.per_channel), _rows(qq, fmt.per_channel)):
             step = max((a.max() - a.min()).item() / (2**fmt.bits - 1), 1e-8)
             assert (a - b).abs().max().item() <= 1e-3 * step + 4e-7 * a.abs().max().item()
+    elif getattr(fmt, "scaled", False):
+        # The second pass re-derives its scale from q's amax, equal to x's up to float32 rounding.
+        assert ((qq - q).abs() <= 2**-21 * q.abs()).all()
     else:
         assert torch.equal(qq, q)
 

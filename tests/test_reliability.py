@@ -431,7 +431,7 @@ def test_reference_as_a_format_name_and_bad_references() -> None:
         pass
     assert ctl.report()["reference"] == "bf16/bf16"
     for bad in ("int99", object(), 3.5):
-        with pytest.raises(ValueError, match="reference must be an adaprec.Precision or one format"):
+        with pytest.raises(ValueError, match="reference= must be an adaprec.Precision or a format spec"):
             adaprec.Controller(model, reference=bad)
     assert _untouched(model)
 

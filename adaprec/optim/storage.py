@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import FLOAT_FORMATS, FP32, FixedPoint, FloatFormat, Format, IntFormat, parse_format
+from ..formats import FloatFormat, Format, parse_format
 
 __all__ = ["Storage", "storage_format", "format_name", "significand_bits", "resplit", "UPDATE_MODES",
            "OVERFLOW_MODES", "MASTER_SIGNIFICAND_BITS"]
@@ -69,47 +69,21 @@ OVERFLOW_MODES = ("rescale", "saturate")
 #: tensors that simulate it). A compensation format finer than this is refused.
 MASTER_SIGNIFICAND_BITS = 24
 
-# Fractional lengths are clamped so that 2**FL and 2**-FL stay normal float32 numbers even after the
-# compensation's extra n_c - 1 bits are added.
-_FL_MIN, _FL_MAX = -90.0, 90.0
-
-
 def storage_format(spec: object, *, role: str = "weight") -> Format:
-    """Read a storage format: fixed point, a narrow float, or FP32.
-
-    Accepted: ``"fxB"``/``"fixedB"`` or an int ``B`` (``B``-bit fixed point, kept scale),
-    :class:`~adaprec.formats.FixedPoint`, ``"bf16"``, ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``,
-    :class:`~adaprec.formats.FloatFormat`, ``"fp32"``/:class:`~adaprec.formats.FP32`. The result rounds
-    to nearest (the update mode decides rounding). Integer min-max formats (``"int8"``,
-    :class:`~adaprec.formats.IntFormat`) are refused: their grid follows the tensor's min and max, so a
-    stored weight would be re-gridded every step.
+    """Read a storage format: anything :func:`~adaprec.formats.parse_format` reads, mapped to the format
+    that *stores* it (:meth:`~adaprec.formats.Format.storage`, rounding to nearest: the update mode
+    decides rounding). A min-max integer grid (``8``, ``"int8"``) follows the tensor at every call, so it
+    is stored as fixed point of the same width (``fx8``).
 
     Example:
-        >>> storage_format(8), storage_format("bf16").name, storage_format("fp32").kind
-        (FixedPoint(bits=8, rounding='nearest'), 'bf16', 'fp32')
+        >>> storage_format("fx8"), storage_format(8).short(), storage_format("bf16").short()
+        (FixedPoint(bits=8, rounding='nearest'), 'fx8', 'bf16')
     """
-    allowed = (f"an int bit-width 2..32 (fixed point), 'fxB', 'fp32', or one of {sorted(FLOAT_FORMATS)}")
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        spec = "fp32" if spec == 32 else FixedPoint(spec, rounding="nearest")
-    if isinstance(spec, str) and spec.strip().lower().startswith("int"):
-        raise ValueError(
-            f"{role} storage format {spec!r}: integer min-max formats re-grid the tensor on every call and "
-            f"cannot hold stored weights; use fixed point ('fx{spec.strip()[3:]}') or {allowed}")
     try:
         fmt = parse_format(spec, role="weight")
-    except ValueError as e:
-        raise ValueError(f"cannot read {spec!r} as a {role} storage format; use {allowed}") from e
-    if isinstance(fmt, IntFormat):
-        raise ValueError(
-            f"{role} storage format {fmt!r}: integer min-max formats re-grid the tensor on every call and "
-            f"cannot hold stored weights; use {allowed}")
-    if isinstance(fmt, FixedPoint):
-        return FixedPoint(fmt.bits, rounding="nearest")
-    if isinstance(fmt, FloatFormat):
-        return FloatFormat(fmt.name, rounding="nearest")
-    if isinstance(fmt, FP32):
-        return fmt
-    raise ValueError(f"{role} storage format {fmt!r} is not supported; use {allowed}")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"cannot read {spec!r} as a {role} storage format: {e}") from None
+    return fmt.storage()
 
 
 def format_name(fmt: Format) -> str:
@@ -118,35 +92,13 @@ def format_name(fmt: Format) -> str:
 
 
 def significand_bits(fmt: Format) -> int:
-    """Bits of resolution a format carries: ``bits - 1`` for fixed point (sign apart), mantissa + 1 for
-    floats (implicit bit included), 24 for FP32.
+    """Bits of resolution a format carries (:attr:`~adaprec.formats.Format.significand_bits`).
 
     Example:
         >>> significand_bits(storage_format("fx16")), significand_bits(storage_format("bf16"))
         (15, 8)
     """
-    if isinstance(fmt, FixedPoint):
-        return fmt.bits - 1
-    if isinstance(fmt, FloatFormat):
-        return fmt.spec.mantissa + 1
-    return MASTER_SIGNIFICAND_BITS
-
-
-def _exact_frac_bits(x: Tensor) -> Tensor:
-    """Smallest ``k`` such that every element of ``x`` times ``2**k`` is an integer (0-d tensor).
-
-    Zeros are ignored (an all-zero tensor gives a very negative number). Works from the binary
-    mantissa: ``x = m * 2**e`` with ``M = m * 2**p`` an integer, the last set bit of ``M`` says how many
-    fractional bits ``x`` really uses.
-    """
-    p = 1 - int(math.log2(torch.finfo(x.dtype).eps))  # 24 for float32, 53 for float64
-    m, e = torch.frexp(x.detach())
-    big = (m * 2.0**p).to(torch.int64)
-    low = big & (-big)  # value of the lowest set bit; 0 for zeros
-    nz = low != 0
-    tz = torch.log2(torch.where(nz, low, torch.ones_like(low)).to(torch.float64))
-    k = (p - e.to(torch.float64) - tz).masked_fill(~nz, -1e9)
-    return k.max().to(torch.float32) if x.numel() else torch.tensor(-1e9)
+    return fmt.significand_bits
 
 
 @dataclass(frozen=True)
@@ -186,10 +138,10 @@ class Storage:
 
     def __post_init__(self) -> None:
         w = storage_format(self.weight, role="weight")
-        if isinstance(w, FixedPoint) and w.bits > MASTER_SIGNIFICAND_BITS + 1:
+        if w.significand_bits > MASTER_SIGNIFICAND_BITS:
             raise ValueError(
-                f"weight storage format fx{w.bits} is wider than the FP32 master it replaces "
-                f"(needs {w.bits - 1} significand bits, float32 holds {MASTER_SIGNIFICAND_BITS}); "
+                f"weight storage format {w.short()} is wider than the FP32 master it replaces "
+                f"(needs {w.significand_bits} significand bits, float32 holds {MASTER_SIGNIFICAND_BITS}); "
                 f"use at most fx{MASTER_SIGNIFICAND_BITS + 1}, or 'fp32'")
         if self.comp is None:
             c = w
@@ -200,11 +152,12 @@ class Storage:
                 f"compensation format {format_name(c)} is wider than the FP32 master it replaces: it "
                 f"needs {significand_bits(c)} significand bits, float32 holds {MASTER_SIGNIFICAND_BITS}; "
                 f"use at most fx{MASTER_SIGNIFICAND_BITS + 1}, a narrower float, or 'fp32'")
-        if isinstance(c, FixedPoint) and not isinstance(w, FixedPoint):
-            raise ValueError(
-                f"a fixed-point compensation ({format_name(c)}) needs a fixed-point weight format, got "
-                f"{format_name(w)}; use a float compensation ('bf16', 'fp16', 'fp8_*', 'fp32') or leave "
-                f"comp=None for the default ({format_name(w)})")
+        try:  # does the compensation's grid work beside this weight's? (e.g. fixed point needs an FL)
+            c.comp_state(w, w.storage_state(torch.ones(1)))
+        except ValueError as e:
+            raise ValueError(f"compensation {format_name(c)} with weight {format_name(w)}: {e}; use a float "
+                             f"compensation ('bf16', 'fp16', 'fp32') or leave comp=None for the default "
+                             f"({format_name(w)})") from None
         if isinstance(self.headroom_bits, bool) or not isinstance(self.headroom_bits, int) \
                 or not 0 <= self.headroom_bits <= 16:
             raise ValueError(f"headroom_bits must be an int in 0..16, got {self.headroom_bits!r}")
@@ -218,11 +171,6 @@ class Storage:
         object.__setattr__(self, "zero_range", float(self.zero_range))
 
     # ------------------------------------------------------------------ description
-    @property
-    def is_fixed(self) -> bool:
-        """True when the weight is fixed point (it then has a kept fractional length)."""
-        return isinstance(self.weight, FixedPoint)
-
     def key(self) -> str:
         """A canonical string for this storage, e.g. ``"fx8+fx8/h1/z1.0/rescale"`` (to notice changes)."""
         w, c = format_name(self.weight), format_name(self.comp)
@@ -234,60 +182,35 @@ class Storage:
         A ``b``-bit format costs ``b / 8`` bytes (packed storage; a per-tensor fractional length is
         negligible). The simulation itself keeps float32 tensors; this is the cost the formats model.
         """
-        return (self.weight.bits + (self.comp.bits if compensated else 0)) / 8.0
+        return (self.weight.storage_bits + (self.comp.storage_bits if compensated else 0)) / 8.0
 
     # ------------------------------------------------------------------ grids
     def fit(self, w: Tensor) -> Tensor | None:
-        """Choose the kept fractional length of a fixed-point weight tensor (0-d float tensor).
-
-        Returns ``None`` for float and FP32 weights, whose grid needs no per-tensor state.
-        """
-        if not self.is_fixed:
-            return None
-        w = w.detach()
-        amax = w.abs().amax() if w.numel() else torch.zeros((), dtype=w.dtype, device=w.device)
-        amax = torch.where(amax > 0, amax, torch.full_like(amax, self.zero_range))
-        fl_fit = self._fl_holding(amax)
-        fl = fl_fit - self.headroom_bits
-        # A tensor already on a grid that holds it (e.g. stored weights loaded from a checkpoint) keeps
-        # a grid at least that fine, so re-splitting it is lossless.
-        exact = _exact_frac_bits(w).to(fl.device)
-        fl = torch.where(exact <= fl_fit, torch.maximum(fl, exact), fl)
-        return fl.clamp(_FL_MIN, _FL_MAX - (self.comp.bits if isinstance(self.comp, FixedPoint) else 0))
-
-    def _fl_holding(self, amax: Tensor) -> Tensor:
-        """Largest fractional length whose ``bits``-bit grid holds ``amax`` (``inf`` for 0)."""
-        half = 2.0 ** (self.weight.bits - 1)
-        return torch.floor(torch.log2((half - 0.5) / amax.float()))
+        """The per-tensor state the weight grid keeps for ``w`` (a fixed-point fractional length, a scaled
+        format's scale; :meth:`~adaprec.formats.Format.storage_state`), or ``None`` if it keeps none."""
+        return self.weight.storage_state(w, self.headroom_bits, self.zero_range)
 
     def _rescale_(self, fl: Tensor | None, target: Tensor) -> None:
-        """``overflow="rescale"``: lower the kept ``fl`` (in place) just enough to hold ``target``."""
-        if fl is None or not self.is_fixed or self.overflow != "rescale" or not target.numel():
-            return
-        fl.copy_(torch.minimum(fl, self._fl_holding(target.abs().amax()).to(fl.device)).clamp_min(_FL_MIN))
+        """``overflow="rescale"``: widen the kept state (in place) just enough to hold ``target``."""
+        if fl is not None and self.overflow == "rescale":
+            self.weight.grow_state_(fl, target)
 
     def quantize_weight(self, x: Tensor, fl: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
         """Round ``x`` to the weight grid; ``noise`` (uniform in [0, 1)) makes the rounding stochastic."""
-        return _round_to(self.weight, x, fl, noise, saturate=True)
+        return self.weight.round_stored(x, fl, noise, saturate=True)
 
     def quantize_comp(self, x: Tensor, fl: Tensor | None = None, saturate: bool = True) -> Tensor:
         """Round ``x`` to the compensation grid (round to nearest).
 
-        ``saturate=False`` rounds to the fixed-point grid without clamping to the ``n_c``-bit range: the
-        transient sum ``y = Δ + c`` of a Kahan step is not stored, only the residual is.
+        ``saturate=False`` rounds without clamping to the compensation's range: the transient sum
+        ``y = Δ + c`` of a Kahan step is not stored, only the residual is.
         """
-        cfl = None
-        if isinstance(self.comp, FixedPoint):
-            if fl is None:
-                raise ValueError("a fixed-point compensation needs the weight's fractional length `fl`")
-            cfl = fl + (self.comp.bits - 1)
-        return _round_to(self.comp, x, cfl, None, saturate=saturate)
+        cstate = self.comp.comp_state(self.weight, fl)
+        return self.comp.round_stored(x, cstate, None, saturate=saturate)
 
     def comp_ulp(self, fl: Tensor | None = None) -> float:
-        """Grid step of a fixed-point compensation (``2**-FL_c``); ``nan`` for float compensations."""
-        if isinstance(self.comp, FixedPoint) and fl is not None:
-            return 2.0 ** -(float(fl) + self.comp.bits - 1)
-        return math.nan
+        """Grid step of a compensation with a fixed grid (``2**-FL_c`` in fixed point); ``nan`` otherwise."""
+        return self.comp.grid_step(self.comp.comp_state(self.weight, fl))
 
     # ------------------------------------------------------------------ updates
     def split(self, w_hp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -347,7 +270,7 @@ class Storage:
             self._rescale_(fl, target)
             w.copy_(self.quantize_weight(target, fl))
         elif update == "stochastic":
-            if isinstance(self.weight, FP32):
+            if self.weight.is_identity:
                 w.add_(delta, alpha=alpha)  # nothing to round to
                 return
             target = torch.add(w, delta, alpha=alpha)
@@ -356,35 +279,6 @@ class Storage:
             w.copy_(self.quantize_weight(target, fl, noise))
         else:
             raise ValueError(f"unknown update mode {update!r}; expected one of {UPDATE_MODES}")
-
-
-def _round_to(fmt: Format, x: Tensor, fl: Tensor | None, noise: Tensor | None, saturate: bool) -> Tensor:
-    """Round ``x`` to ``fmt``'s grid: nearest-even, or ``floor(v + noise)`` when ``noise`` is given.
-
-    Written here rather than through :meth:`Format.quantize` because fixed-point storage needs a *kept*
-    fractional length, and stochastic rounding must draw from the optimizer's own generator so that a
-    saved RNG state resumes bit for bit.
-    """
-    if isinstance(fmt, FP32):
-        return x
-    if isinstance(fmt, FixedPoint):
-        if fl is None:
-            raise ValueError("fixed-point storage needs the tensor's kept fractional length `fl`")
-        up = torch.exp2(fl.to(x.dtype))
-        v = x * up
-        q = torch.round(v) if noise is None else torch.floor(v + noise)
-        if saturate:
-            half = 2.0 ** (fmt.bits - 1)
-            q = q.clamp(-half, half - 1.0)
-        return q / up
-    if isinstance(fmt, FloatFormat):
-        s = fmt.spec
-        _, e = torch.frexp(x)  # x = m * 2**e, |m| in [0.5, 1): the binade's exponent is e - 1
-        ulp = torch.exp2(torch.clamp_min(e.to(x.dtype) - 1.0, float(s.emin)) - s.mantissa)
-        v = x / ulp
-        q = (torch.round(v) if noise is None else torch.floor(v + noise)) * ulp
-        return q.clamp(-s.max_value, s.max_value)
-    raise ValueError(f"unsupported storage format {fmt!r}")
 
 
 def resplit(

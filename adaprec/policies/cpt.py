@@ -46,7 +46,7 @@ import numpy as np
 
 from ..decision import Decision
 from ..events import Event
-from ..formats import Precision
+from ..formats import Format, Precision, parse_format
 from ..prt import PRT_DEFAULTS, RangeTest, infer_mode
 from .base import Policy
 
@@ -168,15 +168,83 @@ def cpt_schedule(total_steps: int, cycles: int, low: int, high: int, profile: st
     return one[np.arange(n) % period]
 
 
+class _Ladder:
+    """The levels a CPT schedule moves over, for one or two roles: integer bit-widths ``lo..hi`` (the
+    paper's form; position = bits) or the formats from ``lo`` up to ``hi`` by each format's own
+    :meth:`~adaprec.formats.Format.up` (positions ``0..n-1``)."""
+
+    def __init__(self, name: str, value: Any, roles: tuple[str, ...]) -> None:
+        self.is_int = _is_int_pair(value)
+        if self.is_int:
+            lo, hi = _check_pair(name, value)
+            self.offset, self.spec = lo, [lo, hi] if lo != hi else lo
+            self.levels = {r: [parse_format(b, role=r) for b in range(lo, hi + 1)] for r in roles}
+            return
+        usage = (f"{name} must be an integer bit-width 1..32, a (B_min, B_max) pair of them, or one format / "
+                 f"a (low, high) pair of formats such as ('mxfp4', 'mxfp8')")
+        specs = list(value) if isinstance(value, tuple | list) else [value, value]
+        if any(isinstance(v, int | float | np.number) for v in specs):
+            _check_pair(name, value)  # numbers that are not all integer bit-widths: say which one is wrong
+        if len(specs) != 2:
+            raise ValueError(f"{usage}; got {value!r}")
+        self.offset = 0
+        try:
+            self.levels = {r: _climb(name, specs[0], specs[1], r) for r in roles}
+        except ValueError as e:
+            raise ValueError(f"{usage}; got {value!r} ({e})") from None
+        n = {len(v) for v in self.levels.values()}
+        if len(n) != 1:
+            raise ValueError(f"{name}: the ladders of the roles {roles} have different lengths {sorted(n)}")
+        first = self.levels[roles[0]]
+        lo, hi = first[0].short(), first[-1].short()
+        self.spec = lo if lo == hi else [lo, hi]
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        n = len(next(iter(self.levels.values())))
+        return self.offset, self.offset + n - 1
+
+    def at(self, role: str, pos: int) -> Format:
+        return self.levels[role][pos - self.offset]
+
+    def cost_bits(self, role: str, pos: int) -> float:
+        return self.at(role, pos).cost_bits
+
+
+def _is_int_pair(value: Any) -> bool:
+    vals = value if isinstance(value, tuple | list) else [value]
+    return all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in vals)
+
+
+def _climb(name: str, lo_spec: Any, hi_spec: Any, role: str) -> list[Format]:
+    """``lo``, ``lo.up()``, … up to ``hi`` (which must be on ``lo``'s ladder)."""
+    try:
+        lo, hi = parse_format(lo_spec, role=role), parse_format(hi_spec, role=role)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    out = [lo]
+    while out[-1].short() != hi.short():
+        nxt = out[-1].up()
+        if nxt.short() == out[-1].short() or len(out) > 64:
+            raise ValueError(f"{name}: {hi.short()} is not above {lo.short()} on its ladder "
+                             f"({' -> '.join(f.short() for f in out)} ends there); give (low, high) in order")
+        out.append(nxt)
+    out[-1] = hi  # exactly the format given at the top (same name; the caller's own options)
+    return out
+
+
 class CPT(Policy):
     """Cyclic precision training: forward bits cycle between ``B_min`` and ``B_max`` every iteration.
 
     Args:
         bits: ``(B_min, B_max)`` forward bit-widths (1..32, ``B_min <= B_max``); ``"auto"`` or
             ``("auto", B_max)`` finds ``B_min`` with the precision range test on the live run
-            (``B_max`` default 8).
+            (``B_max`` default 8). Or a pair of formats, ``("mxfp4", "mxfp8")``: the schedule then moves
+            over the levels of the low format's ladder up to the high one (mxfp4 -> mxfp6 -> mxfp8, at
+            positions 0..n-1 with the same formula), for weights and activations.
         grad_bits: backward (error) bits: an int (constant, the paper's choice) or a ``(G_min, G_max)``
-            pair cycled like the forward bits.
+            pair cycled like the forward bits; or a format (``"fp8_e5m2"``, ``"mxfp8"``) or a pair of
+            formats.
         cycles: number of cycles over the run (paper: 32).
         profile: ``"cos"`` (paper), ``"linear"``, ``"exp"`` or ``"rex"``.
         shape: ``"growth"`` (paper: repeated ramps up) or ``"triangular"`` (up, then mirrored down).
@@ -227,16 +295,26 @@ class CPT(Policy):
         if self.auto:
             b_max = 8 if bits == "auto" else _check_bits("bits[1] (B_max)", bits[1])
             self.bits: tuple[int | None, int] = (None, b_max)
+            self._fw = _Ladder("bits", (1, b_max), ("weight", "activation"))
         else:
-            self.bits = _check_pair("bits", bits)
-        self.grad_bits = _check_pair("grad_bits", grad_bits)
+            self._fw = _Ladder("bits", bits, ("weight", "activation"))
+            self.bits = self._fw.bounds
+        self._bw = _Ladder("grad_bits", grad_bits, ("gradient",))
+        self.grad_bits = self._bw.bounds
         if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
         self.cycles = cycles
         self.profile = _check_choice("profile", profile, PROFILES)
         self.shape = _check_choice("shape", shape, SHAPES)
         if eval_bits is not None and eval_bits not in EVAL_MODES:
-            _check_bits("eval_bits (None, 'max', 'current' or an int)", eval_bits)
+            usage = "eval_bits (None, 'max', 'current', an int or a format)"
+            if _is_int_pair(eval_bits):
+                _check_bits(usage, eval_bits)
+            else:
+                try:
+                    parse_format(eval_bits)
+                except ValueError:
+                    raise ValueError(f"{usage}: got {eval_bits!r}") from None
         self.eval_bits = eval_bits
         if not isinstance(prt_metric, str) or not prt_metric:
             raise ValueError(f"prt_metric must be the name of an observed statistic, got {prt_metric!r}")
@@ -297,7 +375,9 @@ class CPT(Policy):
     def _decision(self, b: int, g: int) -> Decision:
         d = self._decisions.get((b, g))
         if d is None:
-            d = self._decisions[(b, g)] = Decision.uniform(Precision.cpt(b, g))
+            fw = self._fw
+            prec = Precision(fw.at("weight", b), fw.at("activation", b), self._bw.at("gradient", g))
+            d = self._decisions[(b, g)] = Decision.uniform(prec)
         return d
 
     def bits_at(self, t: int, total_steps: int) -> tuple[int, int]:
@@ -320,8 +400,14 @@ class CPT(Policy):
     def eval_decision(self, ctl: Controller) -> Decision | None:
         if self.eval_bits == "current":
             return None
-        b = self.bits[1] if self.eval_bits in (None, "max") else int(self.eval_bits)
-        return self._decision(b, self.grad_bits[1])
+        if self.eval_bits in (None, "max"):
+            return self._decision(self.bits[1], self.grad_bits[1])
+        g = self._bw.at("gradient", self.grad_bits[1])
+        if _is_int_pair(self.eval_bits):
+            return Decision.uniform(Precision(parse_format(int(self.eval_bits), role="weight"),
+                                              parse_format(int(self.eval_bits), role="activation"), g))
+        return Decision.uniform(Precision(parse_format(self.eval_bits, role="weight"),
+                                          parse_format(self.eval_bits, role="activation"), g))
 
     # --- the live range test --------------------------------------------------------------------
     def _on_metrics(self, ctl: Controller, stats: dict[str, Any], **_: Any) -> None:
@@ -363,7 +449,8 @@ class CPT(Policy):
         if ctl is None or ctl.total_steps is None:
             return {}
         b, g = self.bits_at(ctl.step_count, ctl.total_steps)
-        out = {"bits": float(b), "grad_bits": float(g)}
+        # Effective bits per element of the current formats (= the bit-width on an integer ladder).
+        out = {"bits": self._fw.cost_bits("weight", b), "grad_bits": self._bw.cost_bits("gradient", g)}
         if self.bounds is not None and ctl.step_count >= self.start:
             period = _period(ctl.total_steps, self.cycles, self.start)
             out["cycle_phase"] = ((ctl.step_count - self.start) % period) / period
@@ -377,7 +464,11 @@ class CPT(Policy):
 
     def _report(self) -> dict[str, Any]:
         b = self.bounds
-        out: dict[str, Any] = {"cpt_bounds": "searching" if b is None else f"{b[0]}-{b[1]}"}
+        if b is not None and not self._fw.is_int:
+            bounds = f"{self._fw.at('weight', b[0]).short()}-{self._fw.at('weight', b[1]).short()}"
+        else:
+            bounds = "searching" if b is None else f"{b[0]}-{b[1]}"
+        out: dict[str, Any] = {"cpt_bounds": bounds}
         if self.test is not None:
             out["prt_steps"] = self.test.steps
         return out
@@ -402,10 +493,10 @@ class CPT(Policy):
 
     # --- recipes and tuning ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        glo, ghi = self.grad_bits
         cfg: dict[str, Any] = {
-            "bits": ["auto", self.bits[1]] if self.auto else list(self.bits),
-            "grad_bits": glo if glo == ghi else [glo, ghi],
+            "bits": ["auto", self.bits[1]] if self.auto else (
+                list(self.bits) if self._fw.is_int else self._fw.spec),
+            "grad_bits": self._bw.spec,
             "cycles": self.cycles, "profile": self.profile, "shape": self.shape,
         }
         if self.eval_bits is not None:
@@ -419,13 +510,20 @@ class CPT(Policy):
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        """Fixed ranges: B_min 2..6, span 1..6 (B_max = B_min + span), grad bits 6..10, cycles in
-        {1, 2, 4, 8, 16, 32}, every profile and shape."""
-        b_min = trial.suggest_int("b_min", 2, 6)
-        span = trial.suggest_int("span", 1, 6)
+        """Integer ladders: B_min 2..6, span 1..6 (B_max = B_min + span), grad bits 6..10; or, with
+        ``family="mx"``, the block-scaled ladder from mxfp4 or mxfp6 up to mxfp8 with mxfp8 or fp8_e5m2
+        errors; cycles in {1, 2, 4, 8, 16, 32}, every profile and shape."""
+        family = trial.suggest_categorical("family", ["int", "mx"])
+        if family == "mx":
+            bits: Any = (trial.suggest_categorical("mx_low", ["mxfp4", "mxfp6"]), "mxfp8")
+            grad: Any = trial.suggest_categorical("mx_grad", ["mxfp8", "fp8_e5m2"])
+        else:
+            b_min = trial.suggest_int("b_min", 2, 6)
+            span = trial.suggest_int("span", 1, 6)
+            bits, grad = (b_min, b_min + span), trial.suggest_int("grad_bits", 6, 10)
         return {
-            "bits": (b_min, b_min + span),
-            "grad_bits": trial.suggest_int("grad_bits", 6, 10),
+            "bits": bits,
+            "grad_bits": grad,
             "cycles": trial.suggest_categorical("cycles", [1, 2, 4, 8, 16, 32]),
             "profile": trial.suggest_categorical("profile", list(PROFILES)),
             "shape": trial.suggest_categorical("shape", list(SHAPES)),

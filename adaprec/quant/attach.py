@@ -118,26 +118,32 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if site.native[training]:  # this call's forward quantizes by itself (hardware routes)
         return None
     r = site.roles(training)
+    out = None
+    if r.activation.active:
+        # Activations before weights: stochastic rounding draws in the order the hardware routes use.
+        out = _quantize_inputs(site, r.activation, args, kwargs, training, not site.recomputing)
     if r.weight.active:
         dim = site.kind.channel_dim
         site.w = {spec.key: r.weight(spec.raw(), channel_dim=dim) for spec in site.weights}
-    if not r.activation.active:
-        return None
+    return out
+
+
+def _quantize_inputs(site: LayerSite, q, args: tuple, kwargs: dict, training: bool,
+                     update: bool) -> tuple[tuple, dict]:
     kind = site.kind
-    update = not site.recomputing
     if kind.inputs == 1 and args and not kwargs:  # the common case (Linear, conv, RNN), kept cheap
-        return (_act(r.activation, args[0], training, update),) + args[1:], kwargs
+        return (_act(q, args[0], training, update),) + args[1:], kwargs
     # Quantize each distinct tensor once and keep identities: self-attention passes one tensor as
     # query, key and value, and the attention code checks ``query is key`` for its packed projection.
     seen: list[tuple[Any, Any]] = []
 
     def one(x: Any) -> Any:
-        for orig, q in seen:
+        for orig, qx in seen:
             if orig is x:
-                return q
-        q = _act(r.activation, x, training, update)
-        seen.append((x, q))
-        return q
+                return qx
+        qx = _act(q, x, training, update)
+        seen.append((x, qx))
+        return qx
 
     n = min(kind.inputs, len(args))
     if n:
@@ -395,17 +401,16 @@ def attach(layer: nn.Module, site: LayerSite, forward: Callable[..., Any] | None
     kind = site.kind
     names = kind.weight_names(layer)
     by_owner: dict[int, tuple[nn.Module, list[tuple[str, str]]]] = {}
-    specs = []
+    where = []
     for key in names:
         path, _, pname = key.rpartition(".")
         owner = layer.get_submodule(path) if path else layer
         if is_attached(owner) or (owner is not layer and OWNER in owner.__dict__):
             raise RuntimeError(f"layer {site.name!r}: {key!r} belongs to a module another site quantizes")
         by_owner.setdefault(id(owner), (owner, []))[1].append((pname, key))
-        specs.append(_WeightSpec(key, owner, pname))
+        where.append((key, owner, pname))
     if id(layer) not in by_owner:
         by_owner[id(layer)] = (layer, [])
-    site.weights = specs
     rnn = isinstance(layer, nn.RNNBase)
     owners: list[tuple[nn.Module, type]] = []
     handles: list[Any] = []
@@ -421,6 +426,9 @@ def attach(layer: nn.Module, site: LayerSite, forward: Callable[..., Any] | None
                 owner.__dict__[SITE] = site
             owners.append((owner, base))
             owner.__class__ = cls
+        # After the class swap: a spec re-reads its getter only when the class changes again, so a
+        # compiled forward sees a constant class (no recompilation).
+        site.weights = [_WeightSpec(key, owner, pname) for key, owner, pname in where]
         handles.append(layer.register_forward_pre_hook(_pre_hook, with_kwargs=True))
         handles.append(layer.register_forward_hook(_post_hook, with_kwargs=True, always_call=True,
                                                    prepend=True))

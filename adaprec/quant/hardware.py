@@ -27,26 +27,31 @@ route      when (all conditions)                                  what runs
 (emul.)    device (CUDA: every dim of the product a multiple of   product in float32 (``fp8`` is decided
            16), ``_scaled_mm`` is missing, or the layer is a      per call, by shape; convs always
            convolution                                            emulate)
-``int8``   Linear; weight ``IntFormat(8)`` (per channel or per    ``torch._int_mm`` on the CPT/SBM
-           tensor, nearest); activation ``IntFormat(8)`` per      min-max codes shifted to int8, with
-           tensor, nearest; any gradient format; ``_int_mm`` runs the zero points folded in exactly.
-           on the device. Per call, CUDA needs M > 16 and K, N    Backward: the error is quantized by
-           multiples of 8 (else the same codes multiply in        the gradient format; the weight
-           float32)                                               gradient uses ``_int_mm`` when the
-                                                                  error is 8-bit int per tensor (else
-                                                                  float32); the input gradient always
+``int8``   Linear; weight and activation formats with integer     ``torch._int_mm`` on the formats'
+           codes of <= 8 bits (CPT's min-max grid ``int2``..      integer codes (:meth:`Format.encode`),
+           ``int8``, fixed point ``fx2``..``fx8``), either       zero points folded in exactly.
+           rounding; activation per tensor; any gradient format;  Backward: the error is quantized by
+           ``_int_mm`` runs on the device. Per call, CUDA         the gradient format; the weight
+           needs M > 16 and K, N multiples of 8 (else the same    gradient uses ``_int_mm`` when the
+           codes multiply in float32)                             error has <= 8-bit per-tensor codes
+                                                                  (else float32); the input gradient
                                                                   multiplies in float32, because the
                                                                   weight's per-channel scales run
                                                                   along that product's reduction
-``sim``    everything else: other bit-widths and formats (int    the simulated backend's fake
-           2-7/9-16, fixed point, stochastic forward rounding,    quantization, exactly as with
+``sim``    everything else: other widths and formats (int and    the simulated backend's fake
+           fixed point > 8 bits, block-scaled, stochastic fwd.,   quantization, exactly as with
            mixed roles), LSTM/GRU/RNN/MultiheadAttention, a       ``backend="simulated"``
            route whose kernel the device lacks (except fp8)
 =========  =====================================================  =====================================
 
-FP8 here always means *scaled* FP8, as FP8 training is done on real hardware: each tensor is divided by
-``amax / max_finite`` before the cast. The simulated backend's ``FloatFormat("fp8_e4m3")`` is unscaled,
-so on the ``sim`` route (RNN/attention layers) an FP8 decision means the unscaled format.
+FP8 means *scaled* FP8 everywhere, as FP8 training is done on real hardware: each tensor is divided by
+``amax / max_finite`` before the cast — the simulated backend's ``FloatFormat("fp8_e4m3")`` computes the
+same numbers, so the ``fp8`` and ``sim`` routes agree. The raw grid (``"fp8_e4m3_unscaled"``) has no
+kernel and always simulates.
+
+Which route a precision takes follows from what each format says about itself
+(:attr:`~adaprec.formats.Format.hardware_dtype`, :meth:`~adaprec.formats.Format.encode`); the backend
+never checks a format's kind.
 
 Which kernels exist is found by running each one once on the model's device at ``attach`` (torch 2.15:
 on the CPU ``bfloat16``/``float16`` matmuls and convolutions, ``torch._scaled_mm`` and ``torch._int_mm``
@@ -61,7 +66,7 @@ Example:
     >>> be = HardwareBackend()
     >>> be.attach(model, [("0", model[0]), ("2", model[2])])
     ['0', '2']
-    >>> be.apply({"0": hardware_precision("fp8"), "2": Precision.cpt(4, 8)})
+    >>> be.apply({"0": hardware_precision("fp8"), "2": Precision.cpt(12, 8)})
     >>> {n: r.kind for n, (r, _) in be.routes().items()}
     {'0': 'fp8', '2': 'sim'}
     >>> model(torch.randn(4, 32)).shape
@@ -79,8 +84,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats import FloatFormat, Format, IntFormat, Precision
-from . import kernels
+from ..formats import FloatFormat, Precision, parse_format, run_kernel
+from ..formats.floating import scaled_codes
 from .attach import SITE
 from .simulated import SimulatedBackend
 from .site import LayerSite
@@ -91,10 +96,8 @@ __all__ = ["HardwareBackend", "Route", "hardware_precision", "route_for", "probe
 KERNELS: tuple[str, ...] = ("bf16", "fp16", "fp8", "int8")
 
 _LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-# Smallest dequantization scale: keeps an all-zero tensor at zero instead of 0/0.
-_TINY = float(torch.finfo(torch.float32).tiny)
+_LOWP_DTYPES = frozenset(_LOWP.values())
+_FP8_DTYPES = frozenset((torch.float8_e4m3fn, torch.float8_e5m2))
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,6 @@ def hardware_precision(name: str) -> Precision:
     raise ValueError(f"unknown hardware precision {name!r}; known: ['fp8', 'bf16', 'fp16', 'int8', 'fp32']")
 
 
-def _float_name(f: Format) -> str | None:
-    return f.name if isinstance(f, FloatFormat) else None
-
-
 def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> Route:
     """The route of one layer at precision ``prec`` when the kernels ``kernels_ok`` run on its device.
 
@@ -154,8 +153,8 @@ def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> 
         >>> lin = torch.nn.Linear(4, 4)
         >>> route_for(hardware_precision("fp8"), lin, set()).kernel  # no _scaled_mm: emulated FP8
         False
-        >>> [route_for(Precision.cpt(b, 8), lin, {"int8"}).kind for b in (8, 6)]
-        ['int8', 'sim']
+        >>> [route_for(Precision.cpt(b, 8), lin, {"int8"}).kind for b in (8, 3, 12)]
+        ['int8', 'int8', 'sim']
     """
     ok = set(kernels_ok)
     is_linear = isinstance(module, nn.Linear)
@@ -163,17 +162,19 @@ def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> 
     if not (is_linear or is_conv):
         return _SIM
     w, a, g = prec.weight, prec.activation, prec.gradient
-    wn, an, gn = _float_name(w), _float_name(a), _float_name(g)
+    # Each format says which dtype a real kernel multiplies it in; the route follows from the three.
+    wd, ad, gd = w.hardware_dtype, a.hardware_dtype, g.hardware_dtype
     forward_nearest = not w.stochastic and not a.stochastic
-    if wn in _LOWP and wn == an == gn and forward_nearest:
-        if wn not in ok:
+    if wd in _LOWP_DTYPES and wd == ad == gd and forward_nearest:
+        name = "bf16" if wd is torch.bfloat16 else "fp16"
+        if name not in ok:
             return _SIM
-        return Route("lowp", _LOWP[wn], grad_quant=g.stochastic or wn == "fp16")
-    if wn == an == "fp8_e4m3" and gn in _FP8 and forward_nearest:
+        return Route("lowp", wd, grad_quant=g.stochastic or wd is torch.float16)
+    if wd is torch.float8_e4m3fn and ad is wd and gd in _FP8_DTYPES and forward_nearest:
         kernel = is_linear and "fp8" in ok
-        return Route("fp8", _FP8[wn], _FP8[gn], grad_quant=g.stochastic, kernel=kernel)
-    if (is_linear and "int8" in ok and isinstance(w, IntFormat) and isinstance(a, IntFormat)
-            and w.bits == 8 and a.bits == 8 and forward_nearest and not a.per_channel):
+        return Route("fp8", wd, gd, grad_quant=g.stochastic, kernel=kernel)
+    # Integer codes carry the format's own rounding (nearest or stochastic, e.g. MuPPET's fixed point).
+    if is_linear and "int8" in ok and wd is torch.int8 and ad is torch.int8 and not a.per_channel:
         return Route("int8")
     return _SIM
 
@@ -234,18 +235,18 @@ def _no_create_graph(route: str) -> None:
 
 # --- FP8 -------------------------------------------------------------------------------------------
 
-def _scaled_cast(x: Tensor, dtype: torch.dtype, sr_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``x`` as FP8 codes with one dynamic dequantization scale ``amax / max_finite`` (a 0-d tensor).
+def _fp8_params(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(parse_format(dtype).params(), device=device)
 
-    ``sr_p``: the format's kernel parameters for stochastic rounding (done in float32 onto the FP8 grid,
-    after which the cast is exact); ``None`` rounds to nearest in the cast itself.
-    """
-    scale = (x.detach().abs().amax().float() / _FP8_MAX[dtype]).clamp_min(_TINY)
-    xs = x.detach() / scale
-    if sr_p is not None:
-        xs = kernels.float_quantize(xs, sr_p, stochastic=True)
-    # Rounding can land a hair above max_finite; clamp so E4M3 (no inf) never produces NaN.
-    return xs.clamp(-_FP8_MAX[dtype], _FP8_MAX[dtype]).to(dtype), scale
+
+def _scaled_cast(x: Tensor, dtype: torch.dtype, sr_p: Tensor | None = None, rng: int = 0
+                 ) -> tuple[Tensor, Tensor]:
+    """``x`` as FP8 codes with one dynamic dequantization scale ``amax / max_finite`` (a 0-d tensor): the
+    scaled FP8 format's own arithmetic (:func:`adaprec.formats.floating.scaled_codes`), then a lossless
+    cast. ``sr_p``: the gradient format's parameters when it rounds stochastically."""
+    p = _fp8_params(dtype, x.device) if sr_p is None else sr_p
+    c, scale = scaled_codes(x, p, sr_p is not None, rng)
+    return c.to(dtype), scale
 
 
 def _mm8(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, kernel: bool) -> Tensor:
@@ -263,7 +264,7 @@ class _FP8Linear(torch.autograd.Function):
     """``y = x w^T + b`` with scaled E4M3 operands; the error is cast to the gradient format."""
 
     @staticmethod
-    def forward(ctx, x, w, b, dtype, grad_dtype, grad_p, kernel):  # noqa: D102
+    def forward(ctx, x, w, b, dtype, grad_dtype, grad_p, kernel, rng):  # noqa: D102
         x8, sx = _scaled_cast(x, dtype)
         w8, sw = _scaled_cast(w, dtype)
         y = _mm8(x8, sx, w8.t(), sw, kernel)
@@ -273,14 +274,14 @@ class _FP8Linear(torch.autograd.Function):
         # even if the controller refills ``p`` in place before ``loss.backward()``.
         ctx.save_for_backward(x8, sx, w8, sw, None if grad_p is None else grad_p.clone())
         ctx.grad_dtype, ctx.kernel, ctx.has_bias = grad_dtype, kernel, b is not None
-        ctx.grad_sr = grad_p is not None
+        ctx.grad_sr, ctx.rng = grad_p is not None, rng
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         _no_create_graph("fp8")
         x8, sx, w8, sw, grad_p = ctx.saved_tensors
-        g8, sg = _scaled_cast(g.contiguous(), ctx.grad_dtype, grad_p if ctx.grad_sr else None)
+        g8, sg = _scaled_cast(g.contiguous(), ctx.grad_dtype, grad_p if ctx.grad_sr else None, ctx.rng)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = _mm8(g8, sg, w8.t().contiguous().t(), sw, ctx.kernel)
@@ -288,7 +289,7 @@ class _FP8Linear(torch.autograd.Function):
             gw = _mm8(g8.t().contiguous(), sg, x8.t().contiguous().t(), sx, ctx.kernel)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = (g8.float().sum(0) * sg)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 class _FakeScaledFP8(torch.autograd.Function):
@@ -308,33 +309,22 @@ class _ScaledFP8Grad(torch.autograd.Function):
     """Identity in the forward; the error goes through a scaled FP8 round trip in the backward."""
 
     @staticmethod
-    def forward(ctx, y, dtype, grad_p):  # noqa: D102
-        ctx.dtype = dtype
+    def forward(ctx, y, dtype, grad_p, rng):  # noqa: D102
+        ctx.dtype, ctx.rng = dtype, rng
         ctx.save_for_backward(grad_p.clone())  # see _FP8Linear: the forward's format, not a later one
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         (p,) = ctx.saved_tensors
-        g8, s = _scaled_cast(g, ctx.dtype, p if p.numel() else None)
+        g8, s = _scaled_cast(g, ctx.dtype, p if p.numel() else None, ctx.rng)
         q = g8.float() * s
         if torch.is_grad_enabled():  # create_graph=True: straight through, like the simulated error
-            return g + (q - g).detach(), None, None
-        return q, None, None
+            return g + (q - g).detach(), None, None, None
+        return q, None, None, None
 
 
 # --- INT8 ------------------------------------------------------------------------------------------
-
-def _int_codes(x: Tensor, qmax: Tensor, lo: Tensor, hi: Tensor, stochastic: bool = False):
-    """CPT/SBM min-max codes of ``x`` (same arithmetic as :func:`kernels.int_quantize`).
-
-    Returns ``(q, scale)`` with ``q`` the float codes in ``0..qmax``; ``q * scale + lo`` is the value.
-    """
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    v = torch.sub(x.detach(), lo).div_(scale)
-    q = kernels.add_uniform_noise_(v).floor_() if stochastic else v.round_()
-    return q.clamp_min_(0.0).clamp_max_(qmax), scale
-
 
 def _affine_mm(qa: Tensor, sa: Tensor, za: Tensor, qb: Tensor, sb: Tensor, zb: Tensor,
                kernel: bool) -> Tensor:
@@ -354,29 +344,26 @@ def _int_ok(m: int, k: int, n: int, strict: bool) -> bool:
 
 
 class _Int8Linear(torch.autograd.Function):
-    """``y = x_q w_q^T + b`` through ``torch._int_mm``; the backward quantizes the error like the
-    simulated gradient quantizer and feeds the same quantized error to all three gradients."""
+    """``y = x_q w_q^T + b`` through ``torch._int_mm`` on the formats' integer codes (any format with
+    ``hardware_dtype`` int8: CPT's min-max grid of <= 8 bits, fixed point of <= 8 bits), zero points folded
+    in exactly; the backward quantizes the error like the simulated gradient quantizer and feeds the same
+    quantized error to all three gradients."""
 
     @staticmethod
-    def forward(ctx, x, w, b, lo, hi, w_per_channel, gq, strict):  # noqa: D102
-        qmax = torch.full((), 255.0, device=x.device)
-        qx, sx = _int_codes(x, qmax, lo, hi)
-        wlo, whi = kernels.batch_range(w, w_per_channel)
-        qw, sw = _int_codes(w, qmax, wlo, whi)
-        # Shift codes 0..255 to int8 -128..127: value = s * (q - 128) + (lo + 128 s).
-        cx, zx = (qx - 128.0).to(torch.int8), lo + 128.0 * sx
-        cw, zw = (qw - 128.0).to(torch.int8), wlo + 128.0 * sw
+    def forward(ctx, x, w, b, lo, hi, wq, aq, gq, strict):  # noqa: D102
+        qx, sx, zx = aq.fmt.encode(x, aq.p, lo, hi, aq.rng)
+        qw, sw, zw = wq.fmt.encode(w, wq.p, rng=wq.rng)
+        cx, cw = qx.to(torch.int8), qw.to(torch.int8)
         m, k = cx.shape
         n = cw.shape[0]
         sw_row, zw_row = sw.reshape(1, -1) if sw.dim() else sw, zw.reshape(1, -1) if zw.dim() else zw
         y = _affine_mm(cx, sx, zx, cw.t(), sw_row, zw_row, kernel=_int_ok(m, k, n, strict))
         if b is not None:
             y = y + b
-        # The error format as it is now (kind and numbers): the controller may refill the quantizer in
+        # The error format as it is now (format and numbers): the controller may refill the quantizer in
         # place before ``loss.backward()`` runs.
         ctx.save_for_backward(cx, sx, zx, cw, sw, zw, gq.p.clone())
-        ctx.gkind, ctx.gstoch, ctx.gbits = gq.kind, gq.stochastic, gq.fmt.bits
-        ctx.gper_channel = gq.per_channel
+        ctx.gfmt, ctx.grng = gq.fmt, gq.rng
         ctx.strict, ctx.has_bias = strict, b is not None
         return y
 
@@ -385,16 +372,14 @@ class _Int8Linear(torch.autograd.Function):
         _no_create_graph("int8")
         cx, sx, zx, cw, sw, zw, gp = ctx.saved_tensors
         g = g.contiguous()
+        gfmt = ctx.gfmt
         codes = None
-        if ctx.gkind == "int" and not ctx.gper_channel and ctx.gbits == 8:
-            lo, hi = torch.aminmax(g)
-            q, sg = _int_codes(g, gp[0], lo, hi, ctx.gstoch)
-            gdeq = q * sg + lo
-            codes, zg = (q - 128.0).to(torch.int8), lo + 128.0 * sg
-        elif ctx.gkind != "fp32":
-            gdeq = kernels.quantize(g, ctx.gkind, gp, False, ctx.gstoch)
+        if gfmt.hardware_dtype is torch.int8 and not gfmt.per_channel:
+            q, sg, zg = gfmt.encode(g, gp, rng=ctx.grng)
+            gdeq = q * sg + zg
+            codes = q.to(torch.int8)
         else:
-            gdeq = g
+            gdeq = run_kernel(type(gfmt).kernel, g, gp, gfmt.kernel_spec(), None, None, -1, ctx.grng)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = gdeq @ (cw.float() * sw + zw)
@@ -408,7 +393,7 @@ class _Int8Linear(torch.autograd.Function):
                 gw = gdeq.t() @ (cx.float() * sx + zx)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gdeq.sum(0)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 # --- the instance forwards -------------------------------------------------------------------------
@@ -464,11 +449,14 @@ class _HwLayer:
             kernel = route.kernel and (not self.strict or _fp8_shape_ok(x2.shape[0], k, n))
             self.tally("fp8" if kernel else "fp8-emulated")
             gp = roles.gradient.p if route.grad_quant else None
-            y = _FP8Linear.apply(x2, m.weight, m.bias, route.dtype, route.grad_dtype, gp, kernel)
+            y = _FP8Linear.apply(x2, m.weight, m.bias, route.dtype, route.grad_dtype, gp, kernel,
+                                 roles.gradient.rng)
         else:  # int8
             self.tally("int8" if _int_ok(x2.shape[0], k, n, self.strict) else "int8-emulated")
-            lo, hi = roles.activation._range(x2, training, not self.site.recomputing)
-            y = _Int8Linear.apply(x2, m.weight, m.bias, lo, hi, roles.weight.per_channel,
+            lo = hi = None
+            if roles.activation.ranged:
+                lo, hi = roles.activation._range(x2, training, not self.site.recomputing)
+            y = _Int8Linear.apply(x2, m.weight, m.bias, lo, hi, roles.weight, roles.activation,
                                   roles.gradient, self.strict)
         return y.reshape(*lead, n)
 
@@ -485,7 +473,7 @@ class _HwLayer:
         if not y.requires_grad:
             return y
         gp = roles.gradient.p if route.grad_quant else _EMPTY.to(y.device)
-        return _ScaledFP8Grad.apply(y, route.grad_dtype, gp)
+        return _ScaledFP8Grad.apply(y, route.grad_dtype, gp, roles.gradient.rng)
 
 
 _EMPTY = torch.empty(0)

@@ -14,8 +14,12 @@ ones added with :func:`register_layer`:
   by the parameter's name when passed as keyword); the same tensor passed twice is quantized once.
 * ``output`` — for a layer returning a tuple, the index of the element whose gradient is the layer's
   error (it is quantized in the backward); a tensor output is used as it is.
-* ``channel_dim`` — the weights' output-channel dimension, for per-channel weight formats (0 for torch's
-  layers; 1 for Hugging Face's ``Conv1D``, whose weight is ``(in, out)``).
+* ``channel_dim`` — the weights' output-channel dimension (0 for torch's layers; 1 for Hugging Face's
+  ``Conv1D``, whose weight is ``(in, out)``): weights are quantized laid out ``(out, in, ...)``, so
+  per-channel formats take their channels, and block-scaled formats their blocks, where a Linear's do.
+* ``axis`` — the dimension the layer's products reduce over in its activations (and weights, laid out
+  as above): block-scaled formats block along it. ``-1`` (features last) for Linear-like layers, ``1``
+  for convolutions (channels).
 
 Types are matched along the MRO, most specific entry first, so subclasses of a registered type are
 quantized like it (their own ``forward`` included: see :mod:`adaprec.quant.attach`). Child modules named
@@ -67,6 +71,7 @@ class LayerKind:
     inputs: int = 1
     output: int = 0
     channel_dim: int = 0
+    axis: int = -1
     input_names: tuple[str, ...] = ()
 
     def weight_names(self, module: nn.Module) -> list[str]:
@@ -79,7 +84,8 @@ _TABLE: dict[type[nn.Module], LayerKind] = {}
 
 def register_layer(layer_type: type[nn.Module], *, weights: Weights,
                    macs: Callable[[nn.Module, tuple[Any, ...], Any], int], inputs: int = 1,
-                   output: int = 0, channel_dim: int = 0, replace: bool = False) -> LayerKind:
+                   output: int = 0, channel_dim: int = 0, axis: int = -1,
+                   replace: bool = False) -> LayerKind:
     """Teach adaprec a layer type: its weights, its cost, its activation inputs (module docstring).
 
     Returns the :class:`LayerKind`. Registering a type twice is an error unless ``replace=True``.
@@ -112,7 +118,9 @@ def register_layer(layer_type: type[nn.Module], *, weights: Weights,
     for name, v, lo in (("inputs", inputs, 0), ("output", output, 0), ("channel_dim", channel_dim, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"register_layer: {name} must be an integer >= {lo}, got {v!r}")
-    kind = LayerKind(layer_type, weights, macs, inputs, output, channel_dim,
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"register_layer: axis must be an integer dimension, got {axis!r}")
+    kind = LayerKind(layer_type, weights, macs, inputs, output, channel_dim, axis,
                      _forward_arg_names(layer_type, inputs))
     _TABLE[layer_type] = kind
     return kind
@@ -183,7 +191,7 @@ def _mha_macs(m: nn.MultiheadAttention, inputs: tuple[Any, ...], out: Any) -> in
 
 register_layer(nn.Linear, weights=["weight"], macs=lambda m, i, out: out.numel() * m.in_features)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer(_conv, weights=["weight"],
+    register_layer(_conv, weights=["weight"], axis=1,
                    macs=lambda m, i, out: out.numel() * (m.in_channels // m.groups) * prod(m.kernel_size))
 for _rnn in (nn.LSTM, nn.GRU, nn.RNN):
     register_layer(_rnn, weights=_rnn_weights, macs=_rnn_macs)

@@ -101,6 +101,11 @@ class SimulatedBackend:
         for name, prec in train.items():
             self.sites[name].set(prec, None if eval is None else eval.get(name))
 
+    def set_rng(self, key: int) -> None:
+        """Point every site's stochastic rounding at the generator ``key`` (the controller's own)."""
+        for site in self.sites.values():
+            site.set_rng(key)
+
     def detach(self) -> None:
         for att in reversed(self._attached):
             att.remove()

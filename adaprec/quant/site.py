@@ -13,58 +13,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import FP32, Format, Precision
-from . import kernels
+from ..formats import FP32, Format, Precision, run_kernel
 
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _in_float32(fn, x: Tensor, *args: object) -> Tensor:
-    """``fn(x, ...)`` computed in float32 for half-precision ``x``, cast back and kept finite.
-
-    The kernels' arithmetic (scales, ``v + noise``, frexp) loses the low bits in bf16/fp16: stochastic
-    rounding became biased (+0.4 grid steps in bf16) and fp16 scales underflowed to inf/NaN. A value
-    a format rounds up past the dtype's largest finite number (bf16's grid on an fp16 tensor) saturates
-    to it instead of becoming inf, like the formats themselves saturate.
-    """
-    if x.dtype not in _HALF:
-        return fn(x, *args)
-    y = fn(x.float(), *args)
-    big = torch.finfo(x.dtype).max
-    return y.clamp_(-big, big).to(x.dtype)
-
-
-def _f32(t: Tensor | None) -> Tensor | None:
-    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 class _STE(torch.autograd.Function):
     """Quantize in the forward, pass the gradient straight through."""
 
     @staticmethod
-    def forward(ctx, x, kind, p, per_channel, stochastic, lo, hi):  # noqa: D102
-        if x.dtype in _HALF:
-            return _in_float32(kernels.quantize, x, kind, p, per_channel, stochastic, _f32(lo), _f32(hi))
-        return kernels.quantize(x, kind, p, per_channel, stochastic, lo, hi)
+    def forward(ctx, x, kernel, spec, p, lo, hi, axis, rng):  # noqa: D102
+        return run_kernel(kernel, x, p, spec, lo, hi, axis, rng)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         # The identity: differentiable again as it is, so create_graph=True sees a straight-through path.
-        return g, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None
 
 
 class _GradQuant(torch.autograd.Function):
     """Identity in the forward; quantize the incoming gradient (the layer's error) in the backward."""
 
     @staticmethod
-    def forward(ctx, x, kind, p, stochastic):  # noqa: D102
-        ctx.kind, ctx.stochastic = kind, stochastic
-        # A copy of the 3 numbers: the backward uses the format of the forward it belongs to, even if
-        # the controller changes bits in place before ``loss.backward()`` (saving ``p`` itself would
-        # make autograd fail with "modified by an inplace operation").
+    def forward(ctx, x, kernel, spec, p, axis, rng):  # noqa: D102
+        ctx.kernel, ctx.spec, ctx.axis, ctx.rng = kernel, spec, axis, rng
+        # A copy of the numbers: the backward uses the format of the forward it belongs to, even if the
+        # controller changes bits in place before ``loss.backward()`` (saving ``p`` itself would make
+        # autograd fail with "modified by an inplace operation").
         ctx.save_for_backward(p.clone())
         # A detached alias, not ``view_as``: autograd forbids in-place ops on views returned by a custom
         # Function, and layers are commonly followed by ``ReLU(inplace=True)``. The alias shares the
@@ -79,28 +54,33 @@ class _GradQuant(torch.autograd.Function):
             # must itself be differentiable. Rounding has a zero derivative, which would silently zero
             # every second-order term through this layer; the straight-through estimator treats the
             # error quantizer as the identity there, as the forward quantizers are treated.
-            return ste(g, ctx.kind, p, False, ctx.stochastic), None, None, None
-        return _in_float32(kernels.quantize, g, ctx.kind, p, False, ctx.stochastic), None, None, None
+            q = ste(g, ctx.kernel, ctx.spec, p, None, None, ctx.axis, ctx.rng)
+            return q, None, None, None, None, None
+        q = run_kernel(ctx.kernel, g, p, ctx.spec, None, None, ctx.axis, ctx.rng)
+        return q, None, None, None, None, None
 
 
-def ste(x: Tensor, kind: str, p: Tensor, per_channel: bool, stochastic: bool,
-        lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
-    """Fake-quantize ``x`` with a straight-through gradient."""
-    return _STE.apply(x, kind, p, per_channel, stochastic, lo, hi)
+def ste(x: Tensor, fmt_kernel, spec, p: Tensor, lo: Tensor | None = None, hi: Tensor | None = None,
+        axis: int = -1, rng: int = 0) -> Tensor:
+    """Fake-quantize ``x`` with a format kernel and a straight-through gradient."""
+    return _STE.apply(x, fmt_kernel, spec, p, lo, hi, axis, rng)
 
 
-def quantize_grad(x: Tensor, kind: str, p: Tensor, stochastic: bool) -> Tensor:
+def quantize_grad(x: Tensor, fmt_kernel, spec, p: Tensor, axis: int = -1, rng: int = 0) -> Tensor:
     """Return ``x`` unchanged; the gradient flowing back through it is quantized."""
-    return _GradQuant.apply(x, kind, p, stochastic)
+    return _GradQuant.apply(x, fmt_kernel, spec, p, axis, rng)
 
 
 class Quantizer:
     """One role (weight, activation or gradient) of one layer.
 
-    The format's numbers live in the 3-element tensor ``p`` and are overwritten in place; ``kind``,
-    ``per_channel`` and ``stochastic`` are Python values (changing them changes the traced program).
-    Activation quantizers with ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that
-    eval mode uses instead of the batch range (METHODS.md §1.2).
+    The format's numbers (:meth:`~adaprec.formats.Format.params`) live in the tensor ``p`` and are
+    overwritten in place when only they change; the format's kernel and static options
+    (:meth:`~adaprec.formats.Format.kernel_spec`) are Python values (changing them changes the traced
+    program). ``axis`` is the dimension along which the layer's product reduces (block-scaled formats put
+    their blocks there); ``rng`` the stochastic-rounding generator key. Activation quantizers with
+    ``track_range`` keep an EMA (momentum 0.9) of the batch min/max that eval mode uses instead of the batch
+    range, for formats that read one (:attr:`~adaprec.formats.Format.uses_range`).
 
     Example:
         >>> import torch
@@ -111,14 +91,19 @@ class Quantizer:
         [0.0, 0.0, 0.6666666865348816, 1.0]
     """
 
-    __slots__ = ("fmt", "kind", "per_channel", "stochastic", "p", "range", "seen", "momentum")
+    __slots__ = ("fmt", "kernel", "spec", "active", "ranged", "p", "axis", "rng", "range", "seen",
+                 "momentum")
 
-    def __init__(self, device: torch.device, track_range: bool = False, momentum: float = 0.9) -> None:
+    def __init__(self, device: torch.device, track_range: bool = False, momentum: float = 0.9,
+                 axis: int = -1) -> None:
         self.fmt: Format = FP32()
-        self.kind = "fp32"
-        self.per_channel = False
-        self.stochastic = False
-        self.p = torch.zeros(3, device=device)
+        self.kernel = FP32.kernel
+        self.spec = self.fmt.kernel_spec()
+        self.active = False
+        self.ranged = False
+        self.p = torch.zeros(1, device=device)
+        self.axis = axis
+        self.rng = 0
         self.range = torch.zeros(2, device=device) if track_range else None
         self.seen = torch.zeros((), dtype=torch.bool, device=device) if track_range else None
         self.momentum = momentum
@@ -127,35 +112,46 @@ class Quantizer:
         if fmt == self.fmt:
             return
         self.fmt = fmt
-        self.kind = fmt.kind
-        self.per_channel = fmt.per_channel
-        self.stochastic = fmt.stochastic
-        self.p.copy_(torch.tensor(fmt.params(), dtype=self.p.dtype))
+        self.kernel = type(fmt).kernel
+        self.spec = fmt.kernel_spec()
+        self.active = not fmt.is_identity
+        self.ranged = self.range is not None and fmt.uses_range
+        params = torch.tensor(fmt.params(), dtype=self.p.dtype)
+        if params.shape == self.p.shape:
+            self.p.copy_(params)  # in place: compiled code reading p sees the new numbers, no recompile
+        else:
+            self.p = params.to(self.p.device)
 
     @property
-    def active(self) -> bool:
-        return self.kind != "fp32"
+    def stochastic(self) -> bool:
+        return self.fmt.stochastic
+
+    @property
+    def per_channel(self) -> bool:
+        return self.fmt.per_channel
 
     def __call__(self, x: Tensor, training: bool = True, *, channel_dim: int = 0,
                  update: bool = True) -> Tensor:
         """Fake-quantize ``x`` (STE).
 
-        ``channel_dim``: the output-channel dimension for per-channel formats (the kernels take dim 0);
+        ``channel_dim``: a weight's output-channel dimension when it is not 0 (Hugging Face's ``Conv1D``
+        stores ``(in, out)``): the weight is quantized laid out like a Linear's, ``(out, in)``.
         ``update=False`` leaves the running activation range alone (an activation-checkpoint recompute).
         """
-        if self.range is not None and self.kind == "int" and not self.per_channel:
+        if self.ranged:
             lo, hi = self._range(x, training, update)
-            return ste(x, self.kind, self.p, False, self.stochastic, lo, hi)
-        if channel_dim and self.per_channel and x.dim() > channel_dim:
-            y = ste(x.movedim(channel_dim, 0), self.kind, self.p, True, self.stochastic)
+            return ste(x, self.kernel, self.spec, self.p, lo, hi, self.axis, self.rng)
+        if channel_dim and x.dim() > channel_dim:
+            y = ste(x.movedim(channel_dim, 0), self.kernel, self.spec, self.p, None, None, self.axis,
+                    self.rng)
             return y.movedim(0, channel_dim)
-        return ste(x, self.kind, self.p, self.per_channel, self.stochastic)
+        return ste(x, self.kernel, self.spec, self.p, None, None, self.axis, self.rng)
 
     def grad(self, y: Tensor) -> Tensor:
         """Mark ``y`` so that the gradient flowing back into it is quantized."""
         if not y.requires_grad:
             return y
-        return quantize_grad(y, self.kind, self.p, self.stochastic)
+        return quantize_grad(y, self.kernel, self.spec, self.p, self.axis, self.rng)
 
     @torch.no_grad()
     def _range(self, x: Tensor, training: bool, update: bool = True) -> tuple[Tensor, Tensor]:
@@ -176,26 +172,26 @@ class Quantizer:
     def state(self) -> dict[str, Tensor]:
         return {} if self.range is None else {"range": self.range.clone(), "seen": self.seen.clone()}
 
-    def to(self, device: torch.device) -> None:
-        """Move the format parameters and the running range to ``device`` (they stay float32)."""
-        self.p = self.p.to(device)
-        if self.range is not None:
-            self.range = self.range.to(device)
-            self.seen = self.seen.to(device)
-
     def load_state(self, d: dict[str, Tensor]) -> None:
         if self.range is not None and d:
             self.range.copy_(d["range"])
             self.seen.copy_(d["seen"])
 
+    def to(self, device: torch.device, with_range: bool = True) -> None:
+        """Move the format parameters (and the running range) to ``device``; they keep their dtype."""
+        self.p = self.p.to(device)
+        if with_range and self.range is not None:
+            self.range = self.range.to(device)
+            self.seen = self.seen.to(device)
+
 
 class _Roles:
     __slots__ = ("weight", "activation", "gradient", "precision")
 
-    def __init__(self, device: torch.device, track_range: bool) -> None:
-        self.weight = Quantizer(device)
-        self.activation = Quantizer(device, track_range=track_range)
-        self.gradient = Quantizer(device)
+    def __init__(self, device: torch.device, track_range: bool, axis: int = -1) -> None:
+        self.weight = Quantizer(device, axis=axis)
+        self.activation = Quantizer(device, track_range=track_range, axis=axis)
+        self.gradient = Quantizer(device, axis=axis)
         self.precision = Precision.fp32()
 
     def set(self, prec: Precision) -> None:
@@ -219,23 +215,26 @@ class LayerSite:
         >>> import torch
         >>> site = LayerSite("fc", torch.nn.Linear(4, 2))
         >>> site.set(Precision.cpt(4, 8))
-        >>> site.train.weight.kind, site.eval.weight.kind
-        ('int', 'int')
+        >>> site.train.weight.fmt.short(), site.eval.weight.active
+        ('int4', True)
     """
 
     def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None,
-                 kind: object | None = None) -> None:
+                 kind: Any = None) -> None:
         self.name = name
         self.module = module
         if kind is None:
-            from .layers import layer_kind  # late: layers imports nothing from here, but keep it cheap
+            from .layers import layer_kind  # late: the layer table is a sibling module
 
             kind = layer_kind(module)
         self.kind = kind
         device = next(module.parameters()).device
         self.device = device
-        self.train = _Roles(device, track_range=True)
-        self.eval = _Roles(device, track_range=False)
+        # The reduction dimension of the layer's products (block-scaled formats block along it), from the
+        # layer table: the channel dimension of convolution tensors, the feature (last) dimension else.
+        axis = -1 if kind is None else kind.axis
+        self.train = _Roles(device, track_range=True, axis=axis)
+        self.eval = _Roles(device, track_range=False, axis=axis)
         self._share_range()
         self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
         self.w: dict[str, Tensor] | None = None
@@ -257,6 +256,12 @@ class LayerSite:
         self.train.set(train)
         self.eval.set(train if eval is None else eval)
 
+    def set_rng(self, key: int) -> None:
+        """Draw stochastic rounding from the generator ``key`` (:mod:`adaprec.formats.rounding`)."""
+        for roles in (self.train, self.eval):
+            for q in (roles.weight, roles.activation, roles.gradient):
+                q.rng = key
+
     def count(self, macs: int) -> None:
         """Add one training forward's multiply-accumulates (an in-place add: no sync, no guard)."""
         self.macs.add_(macs)
@@ -272,11 +277,7 @@ class LayerSite:
         for roles in (self.train, self.eval):
             roles.weight.to(p.device)
             roles.gradient.to(p.device)
-            p_only = roles.activation.range is None or roles is self.eval
-            if p_only:
-                roles.activation.p = roles.activation.p.to(p.device)
-            else:
-                roles.activation.to(p.device)
+            roles.activation.to(p.device, with_range=roles is self.train)
         self._share_range()
         self.device = p.device
 

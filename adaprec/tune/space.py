@@ -52,7 +52,8 @@ _PAPER_TRIAL_PARAMS: dict[str, dict[str, Any]] = {
     # static 8-bit forward and backward: the baseline CPT compares against
     "fixed": {"bits": 8, "grad_bits": 8},
     # CPT on CIFAR (Fu et al. 2021): forward 3-8 bits, backward 8, 32 cosine ramps
-    "cpt": {"b_min": 3, "span": 5, "grad_bits": 8, "cycles": 32, "profile": "cos", "shape": "growth"},
+    "cpt": {"family": "int", "b_min": 3, "span": 5, "grad_bits": 8, "cycles": 32, "profile": "cos",
+            "shape": "growth"},
     # MuPPET (Rajagopal et al. 2020): the full 8-12-14-16-FP32 ladder, r = 3, y = 2, T(j) = 1 + 1.5 e^(-0.1 j)
     "muppet": {"start_level": 0, "resolution": 3, "patience": 2, "alpha": 1.0, "beta": 1.5, "lam": 0.1},
 }
