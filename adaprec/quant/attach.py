@@ -366,7 +366,18 @@ def _unstack(cls: type, base: type) -> bool:
 # --- attaching -------------------------------------------------------------------------------------
 
 class Attachment:
-    """A site attached to a layer (returned by :func:`attach`); :meth:`remove` restores the layer."""
+    """A site attached to a layer (returned by :func:`attach`); :meth:`remove` restores the layer.
+
+    Example:
+        >>> import torch
+        >>> from adaprec.quant.site import LayerSite
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> att = attach(lin, LayerSite("l", lin))
+        >>> type(lin) is torch.nn.Linear, is_attached(lin)
+        (False, True)
+        >>> att.remove(); type(lin) is torch.nn.Linear, is_attached(lin)
+        (True, False)
+    """
 
     def __init__(self, layer: nn.Module, site: LayerSite, owners: list[tuple[nn.Module, type]],
                  handles: list[Any]) -> None:

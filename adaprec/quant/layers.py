@@ -63,7 +63,14 @@ LayerFilter = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
 
 @dataclass(frozen=True)
 class LayerKind:
-    """What adaprec needs to know about one layer type (see the module docstring)."""
+    """What adaprec needs to know about one layer type (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> kind = layer_kind(torch.nn.Conv2d(1, 2, 3))
+        >>> kind.type.__name__, kind.weights, kind.axis, kind.input_names
+        ('Conv2d', ('weight',), 1, ('input',))
+    """
 
     type: type[nn.Module]
     weights: Weights
