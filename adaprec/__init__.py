@@ -34,6 +34,7 @@ from .formats import (
     parse_format,
     register_format,
 )
+from .quant.layers import register_layer
 
 __version__ = "0.1.0"
 
@@ -46,7 +47,7 @@ LAZY_SUBMODULES = frozenset({
 __all__ = [
     "Controller", "HistoryEntry", "Report", "Decision", "Event", "Precision", "IntFormat",
     "FixedPoint", "FloatFormat", "BlockFormat", "FP32", "Format", "parse_format", "register_format",
-    "policies", "constraints", "__version__",
+    "policies", "constraints", "register_layer", "__version__",
 ]
 
 

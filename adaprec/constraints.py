@@ -24,7 +24,7 @@ from torch import nn
 from .formats import Format, Precision
 
 __all__ = ["Floor", "Clamp", "Pin", "ClassifierFloor", "classifier_bits", "find_classifier",
-           "select_layers", "raise_format"]
+           "select_layers", "raise_format", "check_selector_matches"]
 
 log = logging.getLogger("adaprec")
 
@@ -44,6 +44,31 @@ def select_layers(selector: str | list[str], names: list[str]) -> list[str]:
             hit = [n for n in names if n == s or fnmatchcase(n, s)]
         out += [h for h in hit if h not in out]
     return out
+
+
+def _check_selector(selector: Any, what: str) -> str | list[str]:
+    """A layer selector must be a non-empty name/pattern or a non-empty list of them."""
+    sels = [selector] if isinstance(selector, str) else selector
+    if isinstance(sels, list | tuple) and sels and all(isinstance(s, str) and s for s in sels):
+        return selector if isinstance(selector, str) else list(selector)
+    raise TypeError(f"{what}: layers must be a layer name, a pattern, 'first', 'last' or a list of them, "
+                    f"got {selector!r}")
+
+
+def check_selector_matches(selector: str | list[str], names: list[str], what: str) -> None:
+    """Raise if a name or pattern of ``selector`` matches none of the quantized layers ``names``.
+
+    Example:
+        >>> check_selector_matches(["first", "fc"], ["conv", "fc"], "Floor")
+        >>> check_selector_matches("fc2", ["conv", "fc"], "Floor")
+        Traceback (most recent call last):
+        ...
+        ValueError: Floor: 'fc2' matches no quantized layer; the quantized layers are ['conv', 'fc']
+    """
+    sels = [selector] if isinstance(selector, str) else list(selector)
+    for s in sels:
+        if not select_layers(s, names):
+            raise ValueError(f"{what}: {s!r} matches no quantized layer; the quantized layers are {names}")
 
 
 def raise_format(fmt: Format, bits: int) -> Format:
@@ -73,7 +98,11 @@ class Floor:
     def __init__(self, layers: str | list[str], bits: int, roles: tuple[str, ...] = _ROLES) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 32:
             raise ValueError(f"Floor: bits must be an integer in 1..32, got {bits!r}")
-        self.layers, self.bits, self.roles = layers, bits, _check_roles(roles)
+        self.layers, self.bits, self.roles = _check_selector(layers, "Floor"), bits, _check_roles(roles)
+
+    def validate(self, names: list[str]) -> None:
+        """Called by the Controller before it touches the model: every selector must match a layer."""
+        check_selector_matches(self.layers, names, repr(self))
 
     def __call__(self, layers: dict[str, Precision], ctl: Any) -> dict[str, Precision]:
         out = dict(layers)
@@ -121,7 +150,11 @@ class Pin:
     def __init__(self, layers: str | list[str], precision: Precision) -> None:
         if not isinstance(precision, Precision):
             raise TypeError(f"Pin: precision must be a Precision, got {type(precision).__name__}")
-        self.layers, self.precision = layers, precision
+        self.layers, self.precision = _check_selector(layers, "Pin"), precision
+
+    def validate(self, names: list[str]) -> None:
+        """Called by the Controller before it touches the model: every selector must match a layer."""
+        check_selector_matches(self.layers, names, f"Pin({self.layers!r})")
 
     def __call__(self, layers: dict[str, Precision], ctl: Any) -> dict[str, Precision]:
         out = dict(layers)
@@ -151,7 +184,8 @@ def classifier_bits(num_classes: int, margin: int = 2) -> int:
 
 def find_classifier(model: nn.Module, quantized: list[str]) -> str | None:
     """The auto-detected classifier of ``model``: the name of its *last quantizable module in definition
-    order* (``Linear``, ``Conv*``, ``LSTM``/``GRU``/``RNN``, ``MultiheadAttention``; quantized or not), if
+    order* (``Linear``, ``Conv*``, ``LSTM``/``GRU``/``RNN``, ``MultiheadAttention`` and registered
+    types; quantized or not), if
     that module is an ``nn.Linear`` with ``out_features >= 2`` and is among the ``quantized`` layers;
     otherwise ``None`` (no floor).
 
@@ -165,14 +199,10 @@ def find_classifier(model: nn.Module, quantized: list[str]) -> str | None:
         >>> find_classifier(m, ["0", "2"]), find_classifier(m, ["0"])
         ('2', None)
     """
-    from .quant import QUANTIZABLE  # late: keeps ``import adaprec.constraints`` free of the backend
+    from .quant.layers import find_layers  # late: keeps ``import adaprec.constraints`` free of the backend
 
-    mha_parts = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-
-    last: tuple[str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, QUANTIZABLE) and id(module) not in mha_parts:
-            last = (name, module)
+    found = find_layers(model)
+    last: tuple[str, nn.Module] | None = found[-1] if found else None
     if last is None:
         return None
     name, module = last
@@ -235,6 +265,12 @@ class ClassifierFloor:
     def target(self) -> str | None:
         """The layer the floor applies to (``None`` until resolved, or when none was found)."""
         return None if self._resolved is None else self._resolved[1]
+
+    def validate(self, names: list[str]) -> None:
+        """Called by the Controller before it touches the model: a named classifier must be a layer."""
+        if self.layer is not None and self.layer != "last" and self.layer not in names:
+            raise ValueError(f"ClassifierFloor: {self.layer!r} is not a quantized layer; the quantized "
+                             f"layers are {names}")
 
     def _resolve(self, names: list[str], ctl: Any) -> tuple[str | None, int | None]:
         model = getattr(ctl, "model", None)

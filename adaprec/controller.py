@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 import weakref
@@ -38,7 +39,12 @@ from .guard import DivergenceGuard
 from .policies import Policy, make_policy
 from .quant import find_layers, make_backend
 
-__all__ = ["Controller", "HistoryEntry", "Report"]
+__all__ = ["Controller", "HistoryEntry", "Report", "unwrap_optimizer"]
+
+#: The version of ``Controller.state_dict()``; :meth:`Controller.load_state_dict` reads this one.
+STATE_VERSION = 1
+_STATE_KEYS = ("layer_names", "step", "epoch", "policy", "cost", "backend", "history", "steps_at",
+               "components", "rng")
 
 # Models a controller is active on; weak so a forgotten model can still be collected.
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -155,10 +161,13 @@ class Controller:
         policy: a registered name (``"fp32"``, ``"fixed"``, …, see ``adaprec.policies.list_policies()``),
             a :class:`~adaprec.policies.Policy` object, or a ``.toml`` recipe path.
         optimizer: optional; when given, its ``step()`` drives the iteration events. Without it call
-            :meth:`step` once per iteration.
+            :meth:`step` once per iteration. Wrapped optimizers (Lightning's ``LightningOptimizer``,
+            Accelerate's ``AcceleratedOptimizer``) are unwrapped to the torch optimizer they hold.
         total_steps: the planned number of iterations (schedules such as CPT need it).
         layers: which quantizable layers to quantize: ``None`` (all), fnmatch patterns (``"!fc"``
             excludes), or a callable ``(name, module) -> bool``.
+        filter_fn: instead of ``layers=``, a callable in torchao's argument order, ``(module, fqn) ->
+            bool``.
         constraints: callables that post-process each per-layer decision (see
             :mod:`adaprec.constraints`).
         backend: ``"simulated"`` or a backend object.
@@ -167,6 +176,10 @@ class Controller:
             ``"fx8"``, ``"bf16"``…). The report compares with a static run at it under the same
             constraints (``savings_vs_reference``) and with the idealised formula
             (``savings_vs_reference_ideal``).
+        scaler: the ``torch.amp.GradScaler`` whose ``scaler.step(optimizer)`` the loop calls. An
+            iteration whose update the scaler skips (inf/NaN from a too-large loss scale) still counts
+            as an iteration, as an LR scheduler stepped once per iteration counts it; without
+            ``scaler=`` the controller never hears of skipped iterations and schedules drift.
         logdir: write TensorBoard logs there (see :mod:`adaprec.tensorboard`).
         guard: the divergence guard (:mod:`adaprec.guard`): ``True`` (default settings), a
             :class:`~adaprec.guard.DivergenceGuard`, or ``False``. It needs ``optimizer=``.
@@ -179,7 +192,9 @@ class Controller:
             (:mod:`adaprec.storage_mode`; needs an ``adaprec.optim`` optimizer): ``False`` (default),
             ``True`` or a configured ``StorageMode``.
 
-    Leaving the ``with`` block — normally or by an exception — restores the model exactly.
+    Leaving the ``with`` block — normally or by an exception — restores the model exactly. The block
+    is sugar over :meth:`start` and :meth:`close`, and :meth:`epoch` over :meth:`begin_epoch` and
+    :meth:`end_epoch`, for trainers whose callbacks drive the run.
 
     Example:
         >>> import torch, adaprec
@@ -198,6 +213,7 @@ class Controller:
         optimizer: torch.optim.Optimizer | None = None,
         total_steps: int | None = None,
         layers: Any = None,
+        filter_fn: Callable[[nn.Module, str], bool] | None = None,
         constraints: Iterable[Constraint] = (),
         backend: Any = "simulated",
         reference: Precision | str | int | None = None,
@@ -206,6 +222,7 @@ class Controller:
         sync_stats: bool = True,
         classifier_floor: Any = True,
         weight_storage: Any = False,
+        scaler: Any = None,
     ) -> None:
         # Validate everything before touching the model (contract 5: nothing left half-changed).
         if not isinstance(model, nn.Module):
@@ -221,19 +238,32 @@ class Controller:
         if getattr(self.policy, "needs_total_steps", False) and total_steps is None:
             raise ValueError(f"policy {self.policy.name!r} needs total_steps= (the planned number of "
                              "iterations, e.g. len(loader) * epochs)")
-        self._layers = find_layers(model, layers)
+        self._layers = find_layers(model, layers, filter_fn=filter_fn)
         if not self._layers:
             types = ", ".join(sorted({t.__name__ for t in _quantizable_types()}))
-            raise ValueError(f"the model has no quantizable layers{' matching layers=' if layers else ''}; "
-                             f"adaprec quantizes {types}")
+            chosen = " matching layers=" if layers is not None else \
+                " matching filter_fn=" if filter_fn is not None else ""
+            raise ValueError(f"the model has no quantizable layers{chosen}; adaprec quantizes {types} "
+                             "(adaprec.register_layer adds types)")
         if optimizer is not None:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            optimizer = unwrap_optimizer(optimizer)
             mine = {id(p) for p in model.parameters()}
             theirs = [p for g in optimizer.param_groups for p in g["params"]]
             if theirs and not any(id(p) in mine for p in theirs):
                 raise ValueError("none of the optimizer's parameters belong to the model; build the "
                                  "optimizer from model.parameters()")
+        if scaler is not None:
+            if optimizer is None:
+                raise ValueError("scaler= needs optimizer=: the controller counts the scaler's steps of "
+                                 "that optimizer")
+            if not (callable(getattr(scaler, "step", None)) and callable(getattr(scaler, "update", None))):
+                raise TypeError(f"scaler must be a torch.amp.GradScaler (with step() and update()), got "
+                                f"{type(scaler).__name__}")
+        if logdir is not None and not isinstance(logdir, str | os.PathLike):
+            raise TypeError(f"logdir must be a path (str or os.PathLike) or None, got "
+                            f"{type(logdir).__name__}")
+        if not isinstance(sync_stats, bool):
+            raise TypeError(f"sync_stats must be True or False, got {sync_stats!r}")
         if constraints is None:
             constraints = ()
         elif callable(constraints):  # a single constraint is a common slip for a list of one
@@ -259,18 +289,23 @@ class Controller:
         self.guard: DivergenceGuard | None = guard if (guard and optimizer is not None) else None
         if self.guard is not None:
             self.constraints.append(self.guard)
-        self.sync_stats = bool(sync_stats)
+        self.sync_stats = sync_stats
         self.backend = make_backend(backend)
+        self.layer_names = [n for n, _ in self._layers]
+        for c in self.constraints:  # names in constraints must be layers of this run (none ignored)
+            check = getattr(c, "validate", None)
+            if callable(check):
+                check(self.layer_names)
         self.model = model
         self.optimizer = optimizer
+        self.scaler = scaler
         self.total_steps = total_steps
         self.reference = reference
         self.logdir = logdir
-        self.layer_names = [n for n, _ in self._layers]
 
         self.bus = EventBus()
-        self.step_count = 0
-        self.epoch_index = 0
+        self._step = 0
+        self._epoch = 0
         self.stats: dict[str, Any] = {}
         self.history: list[HistoryEntry] = []
         self.components: dict[str, Any] = {}  # named stateful helpers (observers, loggers…)
@@ -283,6 +318,15 @@ class Controller:
         self._hooks: list[Any] = []
         self._active = False
         self._exited = False
+        self._pending_state: dict[str, Any] | None = None  # load_state_dict() before start()
+        # The epoch in progress: open?, its iterations, and (ctl.epoch) its owner and batches.
+        self._epoch_open = False
+        self._epoch_iters = 0  # iterations completed since begin_epoch()
+        self._epoch_owner: object | None = None
+        self._epoch_batches = 0
+        self._epoch_last_done = False  # ctl.epoch(): the last batch's iteration has completed
+        self._deferred: BaseException | None = None  # an epoch end's error from a dropped loop
+        self._in_scaler_step = False
         self.cost: CostMeter | None = None
         # Stochastic rounding draws from generators of the controller's own, seeded from the user's seed
         # without drawing from torch's stream (a DataLoader shuffles the same with and without adaprec).
@@ -302,13 +346,53 @@ class Controller:
     def fire(self, event: Hashable, **data: Any) -> None:
         self.bus.fire(event, self, **data)
 
-    # --- entering and leaving ---------------------------------------------------------------------
+    # --- counters ---------------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Iterations completed so far (the index of the one in progress). Settable, e.g. from a
+        trainer's ``global_step`` when a callback drives the controller; inside a run the current
+        iteration's precisions are then decided again for the new count."""
+        return self._step
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step = _count("step_count", value)
+        if self._active:
+            self._apply(self.policy.decide(self))
+
+    @property
+    def epoch_index(self) -> int:
+        """Epochs completed so far (the index of the one in progress). Settable like ``step_count``
+        (e.g. from a trainer's ``current_epoch``)."""
+        return self._epoch
+
+    @epoch_index.setter
+    def epoch_index(self, value: int) -> None:
+        self._epoch = _count("epoch_index", value)
+
+    # --- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
+
+    def start(self, *, step: int | None = None, epoch: int | None = None) -> Controller:
+        """Attach to the model and take the first decision (what entering the ``with`` block does).
+
+        ``step``/``epoch`` set the counters first (a trainer resuming at its ``global_step``). A state
+        given to :meth:`load_state_dict` before starting is applied here. Pair with :meth:`close`.
+        """
         if self._active or self._exited:
-            raise RuntimeError("a Controller can be entered once; create a new one for another run")
+            raise RuntimeError("a Controller can be entered once (or started once); create a new one for "
+                               "another run")
         if self.model in _ACTIVE:
             raise RuntimeError("another adaprec.Controller is already active on this model; leave it "
                                "first")
+        if step is not None:
+            self._step = _count("step", step)
+        if epoch is not None:
+            self._epoch = _count("epoch", epoch)
         try:
             self.layer_names = self.backend.attach(self.model, self._layers)
             self._rng_key = register_rng(self.rounding_rng)
@@ -324,6 +408,8 @@ class Controller:
                 if self.guard is not None:
                     self._patch_step()
                     self.components["guard"] = self.guard
+                if self.scaler is not None:
+                    self._patch_scaler()
             _ACTIVE.add(self.model)
             self._active = True
             self.policy.attach(self)
@@ -331,12 +417,23 @@ class Controller:
                 self._attach_logger()
             self.fire(Event.FIT_STARTED)
             self._start_iteration()
+            if self._pending_state is not None:
+                state, self._pending_state = self._pending_state, None
+                self.load_state_dict(state)
         except BaseException:
             self._teardown()
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def close(self, exc: BaseException | None = None) -> None:
+        """Detach and restore the model exactly (what leaving the ``with`` block does).
+
+        ``exc``: the exception the run stopped with, if any (fires ``EXCEPTION_RAISED`` instead of
+        ``FIT_COMPLETED``). An epoch still open is ended first on a normal close. Closing twice, or a
+        controller that never started, does nothing.
+        """
+        if not self._active:
+            return
         # The controller decides for the next iteration as soon as one completes; after the last one
         # that decision never ran, so it is not part of the run's history.
         if len(self.history) > 1 and self.history[-1].step == self.step_count:
@@ -344,10 +441,15 @@ class Controller:
         if exc is None:
             self._warn_if_no_iterations()
         try:
-            if exc is not None:
-                self.fire(Event.EXCEPTION_RAISED, exception=exc)
-            else:
+            if exc is None:
+                self._raise_deferred()
+                if self._epoch_open:
+                    self._finish_epoch(self._epoch_batches or self._epoch_iters)
                 self.fire(Event.FIT_COMPLETED)
+            else:
+                self._deferred = None  # the run's own exception is what matters
+                self._epoch_open = False
+                self.fire(Event.EXCEPTION_RAISED, exception=exc)
         finally:
             self._teardown()
 
@@ -369,10 +471,31 @@ class Controller:
         had = "step" in opt.__dict__
 
         def guarded_step(_opt: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._current is not None and self.guard.watching(self._current) \
-                    and not self.guard.step_ok(self):
-                self._complete_iteration()  # the iteration happened; only its update is skipped
-                return None
+            if self._current is None or not self.guard.watching(self._current):
+                return orig(*args, **kwargs)
+            closure = kwargs.pop("closure", None)
+            if args:
+                closure, args = args[0], args[1:]
+            loss = None
+            if closure is not None:
+                # The closure computes this step's gradients: check those, not the previous step's.
+                # Run it once here; the optimizer's own first call gets its result (LBFGS calls the
+                # closure again for its line search: those calls run the real closure).
+                with torch.enable_grad():
+                    loss = closure()
+                first = [True]
+
+                def cached() -> Any:
+                    if first[0]:
+                        first[0] = False
+                        return loss
+                    return closure()
+
+                kwargs["closure"] = cached
+            if not self.guard.step_ok(self):
+                if not self._in_scaler_step:
+                    self._complete_iteration()  # the iteration happened; only its update is skipped
+                return loss
             return orig(*args, **kwargs)
 
         # Bound (an LR scheduler made inside the block wraps ``step.__func__``) and carrying the
@@ -380,16 +503,27 @@ class Controller:
         if hasattr(orig, "_wrapped_by_lr_sched"):
             guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         opt.step = guarded_step.__get__(opt)
+        self._hooks.append(_RestoreAttr(opt, "step", had, orig))
 
-        class _Restore:
-            @staticmethod
-            def remove() -> None:
-                if had:
-                    opt.__dict__["step"] = orig
-                else:
-                    opt.__dict__.pop("step", None)
+    def _patch_scaler(self) -> None:
+        # GradScaler.step(opt) skips opt.step() when the scaled gradients overflowed; the iteration
+        # still happened. Count it here, once, whether or not the update ran.
+        scaler, orig = self.scaler, self.scaler.step
+        had = "step" in scaler.__dict__
 
-        self._hooks.append(_Restore)
+        def scaled_step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            if unwrap_optimizer(optimizer) is not self.optimizer:
+                return orig(optimizer, *args, **kwargs)
+            self._in_scaler_step = True
+            try:
+                out = orig(optimizer, *args, **kwargs)
+            finally:
+                self._in_scaler_step = False
+            self._complete_iteration()
+            return out
+
+        scaler.step = scaled_step
+        self._hooks.append(_RestoreAttr(scaler, "step", had, orig))
 
     def _teardown(self) -> None:
         for h in reversed(self._hooks):
@@ -411,19 +545,80 @@ class Controller:
         Logger(self.logdir).attach(self)
 
     # --- the loop -------------------------------------------------------------------------------
-    def epoch(self, loader: Iterable[Any]) -> Iterator[Any]:
-        """Iterate ``loader`` once, firing ``EPOCH_STARTED`` / ``EPOCH_COMPLETED`` around it."""
-        self._require_active("ctl.epoch()")
+    def begin_epoch(self, epoch: int | None = None) -> None:
+        """Start an epoch: fires ``EPOCH_STARTED``. ``epoch`` sets :attr:`epoch_index` first (a
+        trainer's ``current_epoch``). An epoch still open is ended first, with a warning."""
+        self._require_active("ctl.begin_epoch()")
+        if self._epoch_open:
+            warnings.warn(f"adaprec: epoch {self.epoch_index} was still open (a ctl.epoch() loop kept alive "
+                          "after leaving it early, or begin_epoch() twice); ending it now", stacklevel=2)
+            self._finish_epoch(self._epoch_batches or self._epoch_iters)
+        if epoch is not None:
+            self.epoch_index = epoch
+        self._epoch_open = True
+        self._epoch_iters = 0
+        self._epoch_owner = None
+        self._epoch_batches = 0
+        self._epoch_last_done = False
         self.fire(Event.EPOCH_STARTED, epoch=self.epoch_index)
+
+    def end_epoch(self, batches: int | None = None) -> None:
+        """End the open epoch: fires ``EPOCH_COMPLETED`` (``batches``: default the iterations since
+        :meth:`begin_epoch`) and advances :attr:`epoch_index`."""
+        self._require_active("ctl.end_epoch()")
+        if not self._epoch_open:
+            raise RuntimeError("no epoch is open: call ctl.begin_epoch() first (ctl.epoch(loader) does both)")
+        if batches is not None:
+            batches = _count("batches", batches)
+        self._finish_epoch(self._epoch_iters if batches is None else batches)
+
+    def _finish_epoch(self, batches: int) -> None:
+        self._epoch_open = False
+        self._epoch_owner = None
+        self._epoch_last_done = False
+        self.fire(Event.EPOCH_COMPLETED, epoch=self.epoch_index, batches=batches)
+        self._epoch += 1
+
+    def epoch(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Iterate ``loader`` once between :meth:`begin_epoch` and :meth:`end_epoch`.
+
+        Leaving the loop early — ``break``, ``return``, or an exception in its body — ends the epoch
+        there (with the batches seen). An error raised by an ``EPOCH_COMPLETED`` handler at that moment
+        is raised at the controller's next call. A checkpoint (:meth:`state_dict`) taken after the
+        last batch's step of a loader with ``len()`` includes that epoch's end.
+        """
+        self._require_active("ctl.epoch()")
+        self.begin_epoch()
+        me = object()
+        self._epoch_owner = me
+        try:
+            total: int | None = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
         n = 0
-        for batch in loader:
-            n += 1
-            yield batch
+        try:
+            for batch in loader:
+                n += 1
+                if self._epoch_owner is me:
+                    self._epoch_batches = n
+                    if n == total:
+                        self._epoch_last_done = None  # type: ignore[assignment]  # armed: see _complete_iteration
+                yield batch
+        except GeneratorExit:
+            # Left early (break/return/exception), or the generator was dropped: end the epoch now.
+            if self._active and self._epoch_open and self._epoch_owner is me:
+                try:
+                    self._finish_epoch(n)
+                except Exception as err:  # noqa: BLE001 - nowhere to raise inside GeneratorExit
+                    self._deferred = err
+            raise
+        if not (self._active and self._epoch_open and self._epoch_owner is me):
+            return  # already ended (a checkpoint after the last batch), or the controller was closed
         if n == 0:
+            self._epoch_open = False
             raise ValueError(f"the loader yielded no batches in epoch {self.epoch_index}; "
                              "check the dataset and batch size (drop_last with a small dataset?)")
-        self.fire(Event.EPOCH_COMPLETED, epoch=self.epoch_index, batches=n)
-        self.epoch_index += 1
+        self._finish_epoch(n)
 
     def observe(self, **stats: Any) -> None:
         """Record statistics (``loss=``, ``val_acc=``, …) for policies, observers and loggers."""
@@ -447,12 +642,16 @@ class Controller:
         self.fire(Event.BEFORE_OPTIMIZER_STEP)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
-        self._complete_iteration()
+        if not self._in_scaler_step:  # GradScaler.step() counts the iteration itself (skipped or not)
+            self._complete_iteration()
 
     def _complete_iteration(self) -> None:
         self._steps_at[self._key] = self._steps_at.get(self._key, 0) + 1
         self.fire(Event.ITERATION_COMPLETED, step=self.step_count)
-        self.step_count += 1
+        self._step += 1
+        self._epoch_iters += 1
+        if self._epoch_last_done is None:  # the last batch of a ctl.epoch() loop has stepped
+            self._epoch_last_done = True
         self._start_iteration()
 
     def _start_iteration(self) -> None:
@@ -504,7 +703,14 @@ class Controller:
 
     def _require_active(self, what: str) -> None:
         if not self._active:
-            raise RuntimeError(f"{what} is only available inside the Controller's with block")
+            raise RuntimeError(f"{what} is only available inside the Controller's with block (or between "
+                               "ctl.start() and ctl.close())")
+        self._raise_deferred()
+
+    def _raise_deferred(self) -> None:
+        if self._deferred is not None:
+            err, self._deferred = self._deferred, None
+            raise err
 
     # --- results --------------------------------------------------------------------------------
     @property
@@ -542,12 +748,19 @@ class Controller:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: counters, policy, cost, history, components, RNG state."""
+        """Everything needed to resume: counters, policy, cost, history, components, RNG state.
+
+        Usable before :meth:`start` too (the fresh state). Taken after the last batch's step of a
+        :meth:`epoch` loop over a loader with ``len()``, it first ends that epoch (the loop would do so
+        a moment later), so that a run resumed from it continues with the next epoch exactly.
+        """
+        if self._active and self._epoch_open and self._epoch_last_done is True:
+            self._finish_epoch(self._epoch_batches)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "layer_names": list(self.layer_names),
             "step": self.step_count,
             "epoch": self.epoch_index,
@@ -563,15 +776,21 @@ class Controller:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (restores the global RNG, which stochastic rounding uses)."""
-        self._require_active("ctl.load_state_dict()")
-        if not isinstance(state, dict) or state.get("version") != 1:
-            raise ValueError("not an adaprec Controller state_dict (missing or unknown 'version')")
-        if list(state["layer_names"]) != self.layer_names:
-            raise ValueError(f"the state is for layers {state['layer_names']}, this controller quantizes "
-                             f"{self.layer_names}")
-        self.step_count = int(state["step"])
-        self.epoch_index = int(state["epoch"])
+        """Resume from :meth:`state_dict` (restores the global RNG, which stochastic rounding uses).
+
+        Before :meth:`start` the state is checked now and applied when the controller starts (a
+        trainer restoring callbacks before fit starts).
+        """
+        if self._exited:
+            raise RuntimeError("ctl.load_state_dict(): this controller has finished; load into a new one")
+        _check_state(state, self.layer_names)
+        if not self._active:
+            self._pending_state = state
+            return
+        self._raise_deferred()
+        self._step = int(state["step"])
+        self._epoch = int(state["epoch"])
+        self._epoch_open = False
         self.policy.load_state_dict(state["policy"])
         if state["cost"] is not None:
             self.cost.load_state_dict(state["cost"])
@@ -592,6 +811,33 @@ class Controller:
         self._apply(self.policy.decide(self), force=True)
         self.history = hist
         self._key = hist[-1].summary() if hist else "fp32"
+
+
+def _check_state(state: Any, layer_names: list[str]) -> None:
+    """Refuse anything that is not a state of this controller's kind, naming what is wrong."""
+    if not isinstance(state, dict):
+        raise TypeError(f"load_state_dict() takes the dict from ctl.state_dict(), got {type(state).__name__}")
+    if "version" not in state:
+        raise ValueError("not an adaprec Controller state_dict: it has no 'version' key (was it the "
+                         "model's or the optimizer's state_dict?)")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"adaprec Controller state_dict version {state['version']!r} found; this adaprec "
+                         f"reads version {STATE_VERSION}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"incomplete adaprec Controller state_dict (version {STATE_VERSION}): missing "
+                         f"{missing}")
+    if list(state["layer_names"]) != list(layer_names):
+        raise ValueError(f"the state is for layers {state['layer_names']}, this controller quantizes "
+                         f"{layer_names}")
+    if not isinstance(state["rng"], dict) or "cpu" not in state["rng"]:
+        raise ValueError("incomplete adaprec Controller state_dict: 'rng' has no 'cpu' generator state")
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _read_reference(spec: Any) -> Precision | None:
@@ -620,6 +866,49 @@ def _observed(stats: dict[str, Any]) -> dict[str, float]:
         elif isinstance(v, int | float) and not isinstance(v, bool):
             out[k] = float(v)
     return out
+
+
+def unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a trainer's wrapper (Lightning's ``LightningOptimizer``,
+    Accelerate's ``AcceleratedOptimizer``), or ``opt`` itself.
+
+    A wrapper is recognised by what it lacks: ``torch.optim.Optimizer.__init__`` never ran on it (no
+    step-hook registry of its own), and it holds the real optimizer as ``.optimizer``/``._optimizer``.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> class Wrapper(torch.optim.Optimizer):  # like accelerate's: subclass, no super().__init__
+        ...     def __init__(self, optimizer):
+        ...         self.optimizer = optimizer
+        >>> unwrap_optimizer(Wrapper(opt)) is opt, unwrap_optimizer(opt) is opt
+        (True, True)
+    """
+    for _ in range(8):  # wrappers of wrappers, but never a cycle
+        d = getattr(opt, "__dict__", None)
+        if not d or "_optimizer_step_pre_hooks" in d:
+            break
+        inner = d.get("optimizer", d.get("_optimizer"))
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    if not isinstance(opt, torch.optim.Optimizer) or "_optimizer_step_pre_hooks" not in vars(opt):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a trainer's wrapper holding one as "
+                        f".optimizer), got {type(opt).__name__}")
+    return opt
+
+
+class _RestoreAttr:
+    """Undo an instance attribute set over a class attribute (a patched ``step``)."""
+
+    def __init__(self, obj: Any, name: str, had: bool, orig: Any) -> None:
+        self.obj, self.name, self.had, self.orig = obj, name, had, orig
+
+    def remove(self) -> None:
+        if self.had:
+            self.obj.__dict__[self.name] = self.orig
+        else:
+            self.obj.__dict__.pop(self.name, None)
 
 
 def _world_size() -> int:

@@ -231,23 +231,29 @@ def test_mha_out_proj_is_part_of_attention() -> None:
     assert names == ["0", "1.self_attn", "1.linear1", "1.linear2"]
 
 
-def test_custom_forward_subclasses_are_left_alone() -> None:
+def test_subclass_forwards_are_quantized_where_they_read_the_weight() -> None:
+    # A subclass with its own forward (weight standardisation, LoRA...) computes with the quantized
+    # weight and input wherever it reads them; outside its forward it sees the FP32 parameter.
     class Standardised(nn.Conv2d):
         def forward(self, x):
             w = (self.weight - self.weight.mean()) / (self.weight.std() + 1e-5)
             return self._conv_forward(x, w, self.bias)
 
-    class Plain(nn.Linear):  # inherits torch's forward: still quantizable
+    class Plain(nn.Linear):  # inherits torch's forward
         pass
 
     model = nn.Sequential(Standardised(1, 2, 3), nn.Flatten(), Plain(18, 2))
     x = torch.randn(1, 1, 5, 5)
-    with pytest.warns(UserWarning, match=r"leaves layers \['0'\] in FP32"):
-        ctl = adaprec.Controller(model, policy=Fixed(bits=4))
-    assert ctl.layer_names == ["2"]
-    ref = model[0](x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctl = adaprec.Controller(model, policy=Fixed(bits=4), classifier_floor=False)
+    assert ctl.layer_names == ["0", "2"]
+    conv = model[0]
     with ctl:
-        assert torch.equal(model[0](x), ref)  # its own computation, untouched
+        assert conv.weight is conv._parameters["weight"]  # outside the forward: the parameter
+        wq = IntFormat(4, per_channel=True).quantize(conv.weight.detach())
+        w = (wq - wq.mean()) / (wq.std() + 1e-5)
+        assert torch.equal(conv(x), conv._conv_forward(IntFormat(4).quantize(x), w, conv.bias))
 
 
 def test_layer_filter_forms() -> None:

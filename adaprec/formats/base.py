@@ -72,8 +72,16 @@ def run_kernel(kernel: Callable[..., Tensor], x: Tensor, p: Tensor, spec: Hashab
     ``2^b - 1``) overflow 65504 for ``b = 16``. The result is cast back to the input's dtype.
     """
     if x.dtype in _HALF:
-        return kernel(x.float(), p.float(), spec, lo, hi, axis, rng).to(x.dtype)
+        # Saturate at the dtype's largest finite value: a value a format rounds up past it (bf16's grid
+        # on an fp16 tensor) becomes that value, not inf, as the formats themselves saturate.
+        big = torch.finfo(x.dtype).max
+        y = kernel(x.float(), p.float(), spec, _f32(lo), _f32(hi), axis, rng)
+        return y.clamp_(-big, big).to(x.dtype)
     return kernel(x, p.to(x.dtype) if p.dtype != x.dtype else p, spec, lo, hi, axis, rng)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 class Format:

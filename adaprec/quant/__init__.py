@@ -1,8 +1,18 @@
 """Quantization backends: the simulated one (fake quantization in PyTorch) and its building blocks."""
 
-from .simulated import QUANTIZABLE, SimulatedBackend, find_layers
+from .layers import (
+    QUANTIZABLE,
+    LayerKind,
+    find_layers,
+    layer_kind,
+    quantizable_types,
+    register_layer,
+    unregister_layer,
+)
+from .simulated import SimulatedBackend
 
-__all__ = ["QUANTIZABLE", "SimulatedBackend", "find_layers", "make_backend"]
+__all__ = ["QUANTIZABLE", "SimulatedBackend", "find_layers", "make_backend", "register_layer",
+           "unregister_layer", "layer_kind", "quantizable_types", "LayerKind"]
 
 
 def make_backend(spec: object) -> SimulatedBackend:

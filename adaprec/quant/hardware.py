@@ -77,7 +77,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -87,6 +86,7 @@ from torch import Tensor, nn
 
 from ..formats import FloatFormat, Precision, parse_format, run_kernel
 from ..formats.floating import scaled_codes
+from .attach import SITE
 from .simulated import SimulatedBackend
 from .site import LayerSite
 
@@ -222,6 +222,17 @@ def probe_kernels(device: torch.device | str) -> frozenset[str]:
     return _PROBED[key]
 
 
+def _no_create_graph(route: str) -> None:
+    """The FP8/INT8 products keep only low-precision codes for their backward, which is therefore
+    not differentiable again: refuse ``create_graph=True`` instead of returning silent zeros."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"adaprec's hardware {route!r} route does not support higher-order gradients "
+            "(backward with create_graph=True, e.g. a gradient penalty): its backward works on "
+            f"{route} codes. Use backend='simulated' for this run, or a precision the layer runs on "
+            "the 'sim' or 'lowp' route")
+
+
 # --- FP8 -------------------------------------------------------------------------------------------
 
 def _fp8_params(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -268,6 +279,7 @@ class _FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
+        _no_create_graph("fp8")
         x8, sx, w8, sw, grad_p = ctx.saved_tensors
         g8, sg = _scaled_cast(g.contiguous(), ctx.grad_dtype, grad_p if ctx.grad_sr else None, ctx.rng)
         gx = gw = gb = None
@@ -306,7 +318,10 @@ class _ScaledFP8Grad(torch.autograd.Function):
     def backward(ctx, g):  # noqa: D102
         (p,) = ctx.saved_tensors
         g8, s = _scaled_cast(g, ctx.dtype, p if p.numel() else None, ctx.rng)
-        return g8.float() * s, None, None, None
+        q = g8.float() * s
+        if torch.is_grad_enabled():  # create_graph=True: straight through, like the simulated error
+            return g + (q - g).detach(), None, None, None
+        return q, None, None, None
 
 
 # --- INT8 ------------------------------------------------------------------------------------------
@@ -354,6 +369,7 @@ class _Int8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
+        _no_create_graph("int8")
         cx, sx, zx, cw, sw, zw, gp = ctx.saved_tensors
         g = g.contiguous()
         gfmt = ctx.gfmt
@@ -383,18 +399,19 @@ class _Int8Linear(torch.autograd.Function):
 # --- the instance forwards -------------------------------------------------------------------------
 
 class _HwLayer:
-    """One layer's hardware state: its site, the simulated forward to fall back to, its two routes."""
+    """One layer's hardware state: its site, its two routes, and how its forwards ran."""
 
-    __slots__ = ("site", "module", "sim", "train", "eval", "strict", "calls", "macs_per_out")
+    __slots__ = ("site", "module", "train", "eval", "strict", "calls")
 
-    def __init__(self, site: LayerSite, module: nn.Module, sim, strict: bool) -> None:
-        self.site, self.module, self.sim, self.strict = site, module, sim, strict
+    def __init__(self, site: LayerSite, module: nn.Module, strict: bool) -> None:
+        self.site, self.module, self.strict = site, module, strict
         self.train = self.eval = _SIM
         self.calls: dict[str, int] = {}
-        if isinstance(module, nn.Linear):
-            self.macs_per_out = module.in_features
-        else:  # convolution: one output element sums over (C_in / groups) * prod(kernel) products
-            self.macs_per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    def set_routes(self, train: Route, eval: Route) -> None:
+        self.train, self.eval = train, eval
+        # The hooks of adaprec.quant.attach leave native calls alone (they still count the MACs).
+        self.site.native = [eval.kind != "sim", train.kind != "sim"]
 
     def tally(self, what: str) -> None:
         # Plain Python bookkeeping: skipped while torch.compile traces, so it adds no guards.
@@ -405,17 +422,10 @@ class _HwLayer:
         module = self.module
         training = module.training
         route = self.train if training else self.eval
-        if route.kind == "sim":
-            self.tally("sim")
-            return self.sim(x)
         roles = self.site.roles(training)
         if isinstance(module, nn.Linear):
-            y = self._linear(route, roles, x, training)
-        else:
-            y = self._conv(route, roles, x, training)
-        if training:
-            self.site.count(y.numel() * self.macs_per_out)
-        return y
+            return self._linear(route, roles, x, training)
+        return self._conv(route, roles, x, training)
 
     def _grad(self, roles, y: Tensor, route: Route) -> Tensor:
         return roles.gradient.grad(y) if route.grad_quant and roles.gradient.active else y
@@ -445,7 +455,7 @@ class _HwLayer:
             self.tally("int8" if _int_ok(x2.shape[0], k, n, self.strict) else "int8-emulated")
             lo = hi = None
             if roles.activation.ranged:
-                lo, hi = roles.activation._range(x2, training)
+                lo, hi = roles.activation._range(x2, training, not self.site.recomputing)
             y = _Int8Linear.apply(x2, m.weight, m.bias, lo, hi, roles.weight, roles.activation,
                                   roles.gradient, self.strict)
         return y.reshape(*lead, n)
@@ -467,6 +477,27 @@ class _HwLayer:
 
 
 _EMPTY = torch.empty(0)
+
+
+def _hw_forward(self: nn.Module, *args: Tensor, **kwargs: Tensor) -> Tensor:
+    """The class-level forward of a hardware-routed Linear/conv (see :mod:`adaprec.quant.attach`)."""
+    site = self.__dict__[SITE]
+    hw: _HwLayer = site.backend
+    if site.native[self.training]:
+        return hw.forward(args[0] if args else kwargs["input"])
+    hw.tally("sim")  # the hooks quantize around the layer's own forward, as on the simulated backend
+    return type(self)._adaprec_base.forward(self, *args, **kwargs)
+
+
+def _stock_forward(module: nn.Module) -> bool:
+    """A Linear/conv computing with torch's own forward (the routes re-implement exactly that)."""
+    if "forward" in module.__dict__:  # an instance forward set by another library: run it, simulated
+        return False
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+    return False
 
 
 class HardwareBackend(SimulatedBackend):
@@ -510,6 +541,7 @@ class HardwareBackend(SimulatedBackend):
         self.strict_shapes = strict_shapes
         self.kernels: frozenset[str] = frozenset()
         self._hw: dict[str, _HwLayer] = {}
+        self._strict = False
 
     def attach(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
         device = next(model.parameters()).device
@@ -518,20 +550,20 @@ class HardwareBackend(SimulatedBackend):
             raise RuntimeError(f"kernels {sorted(self.requested - found)} do not run on {device}; "
                                f"available there: {sorted(found)}")
         self.kernels = found if self.requested is None else self.requested
-        strict = device.type == "cuda" if self.strict_shapes is None else self.strict_shapes
+        self._strict = device.type == "cuda" if self.strict_shapes is None else self.strict_shapes
         names = super().attach(model, layers)
-        try:
-            for name, site in self.sites.items():
-                module = site.module
-                if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
-                    continue
-                hw = _HwLayer(site, module, module.forward, strict)
-                self._hw[name] = hw
-                module.forward = hw.forward
-        except BaseException:
-            self.detach()
-            raise
+        for name, site in self.sites.items():
+            if site.backend is not None:
+                self._hw[name] = site.backend
         return names
+
+    def _forward_for(self, module: nn.Module, site: LayerSite):
+        # Only layers that run torch's own Linear/conv forward get routes; any other forward (a
+        # subclass's, another library's instance forward) is simulated around it by the hooks.
+        if not _stock_forward(module):
+            return None
+        site.backend = _HwLayer(site, module, self._strict)
+        return _hw_forward
 
     def apply(self, train: dict[str, Precision], eval: dict[str, Precision] | None = None) -> None:
         super().apply(train, eval)
@@ -540,8 +572,7 @@ class HardwareBackend(SimulatedBackend):
             if hw is None:
                 continue
             ev = prec if eval is None else eval.get(name, prec)
-            hw.train = route_for(prec, hw.module, self.kernels)
-            hw.eval = route_for(ev, hw.module, self.kernels)
+            hw.set_routes(route_for(prec, hw.module, self.kernels), route_for(ev, hw.module, self.kernels))
 
     def detach(self) -> None:
         self._hw.clear()

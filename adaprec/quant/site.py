@@ -8,6 +8,8 @@ model, so ``model.state_dict()`` keeps its keys (DESIGN.md contract 2).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,7 @@ class _STE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
+        # The identity: differentiable again as it is, so create_graph=True sees a straight-through path.
         return g, None, None, None, None, None, None, None
 
 
@@ -46,6 +49,13 @@ class _GradQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         (p,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, higher-order derivatives): the quantized error
+            # must itself be differentiable. Rounding has a zero derivative, which would silently zero
+            # every second-order term through this layer; the straight-through estimator treats the
+            # error quantizer as the identity there, as the forward quantizers are treated.
+            q = ste(g, ctx.kernel, ctx.spec, p, None, None, ctx.axis, ctx.rng)
+            return q, None, None, None, None, None
         q = run_kernel(ctx.kernel, g, p, ctx.spec, None, None, ctx.axis, ctx.rng)
         return q, None, None, None, None, None
 
@@ -121,11 +131,21 @@ class Quantizer:
     def per_channel(self) -> bool:
         return self.fmt.per_channel
 
-    def __call__(self, x: Tensor, training: bool = True) -> Tensor:
-        """Fake-quantize ``x`` (STE)."""
+    def __call__(self, x: Tensor, training: bool = True, *, channel_dim: int = 0,
+                 update: bool = True) -> Tensor:
+        """Fake-quantize ``x`` (STE).
+
+        ``channel_dim``: a weight's output-channel dimension when it is not 0 (Hugging Face's ``Conv1D``
+        stores ``(in, out)``): the weight is quantized laid out like a Linear's, ``(out, in)``.
+        ``update=False`` leaves the running activation range alone (an activation-checkpoint recompute).
+        """
         if self.ranged:
-            lo, hi = self._range(x, training)
+            lo, hi = self._range(x, training, update)
             return ste(x, self.kernel, self.spec, self.p, lo, hi, self.axis, self.rng)
+        if channel_dim and x.dim() > channel_dim:
+            y = ste(x.movedim(channel_dim, 0), self.kernel, self.spec, self.p, None, None, self.axis,
+                    self.rng)
+            return y.movedim(0, channel_dim)
         return ste(x, self.kernel, self.spec, self.p, None, None, self.axis, self.rng)
 
     def grad(self, y: Tensor) -> Tensor:
@@ -135,11 +155,14 @@ class Quantizer:
         return quantize_grad(y, self.kernel, self.spec, self.p, self.axis, self.rng)
 
     @torch.no_grad()
-    def _range(self, x: Tensor, training: bool) -> tuple[Tensor, Tensor]:
-        """Batch range in training (also folded into the EMA); the EMA in eval, once one exists."""
+    def _range(self, x: Tensor, training: bool, update: bool = True) -> tuple[Tensor, Tensor]:
+        """Batch range in training (also folded into the EMA unless ``update=False``); the EMA in eval,
+        once one exists."""
         lo, hi = torch.aminmax(x.detach())
         cur = torch.stack((lo, hi)).to(self.range.dtype)
         if training:
+            if not update:
+                return lo, hi
             ema = self.range * self.momentum + cur * (1.0 - self.momentum)
             self.range.copy_(torch.where(self.seen, ema, cur))
             self.seen.fill_(True)
@@ -154,6 +177,13 @@ class Quantizer:
         if self.range is not None and d:
             self.range.copy_(d["range"])
             self.seen.copy_(d["seen"])
+
+    def to(self, device: torch.device, with_range: bool = True) -> None:
+        """Move the format parameters (and the running range) to ``device``; they keep their dtype."""
+        self.p = self.p.to(device)
+        if with_range and self.range is not None:
+            self.range = self.range.to(device)
+            self.seen = self.seen.to(device)
 
 
 class _Roles:
@@ -177,6 +207,10 @@ class LayerSite:
 
     ``macs`` (a 0-d float64 tensor, usually a slot of the backend's counter) accumulates the
     multiply-accumulates of the forward products of training forwards until the cost meter reads it.
+    ``kind`` is the layer's :class:`~adaprec.quant.layers.LayerKind` (looked up when not given). While
+    the layer's forward runs (between the hooks of :mod:`adaprec.quant.attach`), ``w`` holds the
+    quantized weights of that call by name; ``native[training]`` is set by a backend whose own forward
+    quantizes (the hardware routes), and ``recomputing`` marks an activation-checkpoint recompute.
 
     Example:
         >>> import torch
@@ -186,19 +220,35 @@ class LayerSite:
         ('int4', True)
     """
 
-    def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None) -> None:
+    def __init__(self, name: str, module: torch.nn.Module, macs: Tensor | None = None,
+                 kind: Any = None) -> None:
         self.name = name
         self.module = module
+        if kind is None:
+            from .layers import layer_kind  # late: the layer table is a sibling module
+
+            kind = layer_kind(module)
+        self.kind = kind
         device = next(module.parameters()).device
-        # The reduction dimension of the layer's products (block-scaled formats block along it): the
-        # channel dimension of convolution tensors, the feature (last) dimension of everything else.
-        axis = 1 if isinstance(module, torch.nn.modules.conv._ConvNd) else -1
+        self.device = device
+        # The reduction dimension of the layer's products (block-scaled formats block along it), from the
+        # layer table: the channel dimension of convolution tensors, the feature (last) dimension else.
+        axis = -1 if kind is None else kind.axis
         self.train = _Roles(device, track_range=True, axis=axis)
         self.eval = _Roles(device, track_range=False, axis=axis)
+        self._share_range()
+        self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
+        self.w: dict[str, Tensor] | None = None
+        self.recomputing = False
+        self.native = [False, False]  # indexed by ``training``
+        self.weights: list[Any] = []  # adaprec.quant.attach._WeightSpec, one per quantized weight
+        self.hook_ids: frozenset[int] = frozenset()
+        self.backend: Any = None  # a backend's own per-layer state (the hardware routes)
+
+    def _share_range(self) -> None:
         # Eval mode reads the running range collected by the training activation quantizer.
         self.eval.activation.range = self.train.activation.range
         self.eval.activation.seen = self.train.activation.seen
-        self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
 
     def roles(self, training: bool) -> _Roles:
         return self.train if training else self.eval
@@ -216,6 +266,21 @@ class LayerSite:
     def count(self, macs: int) -> None:
         """Add one training forward's multiply-accumulates (an in-place add: no sync, no guard)."""
         self.macs.add_(macs)
+
+    def follow(self, module: torch.nn.Module) -> None:
+        """Keep the state on the device of ``module``'s parameters (after ``.to()``/``.cuda()``).
+
+        The MAC counter stays where it is: it only ever adds host integers.
+        """
+        p = next(module.parameters(), None)
+        if p is None or p.device == self.device:
+            return
+        for roles in (self.train, self.eval):
+            roles.weight.to(p.device)
+            roles.gradient.to(p.device)
+            roles.activation.to(p.device, with_range=roles is self.train)
+        self._share_range()
+        self.device = p.device
 
     def state(self) -> dict[str, Tensor]:
         return self.train.activation.state()
