@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
+from benchmarks.common import command_line, write_results  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "digits": {
