@@ -144,7 +144,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 gap = sign * (row["metric_mean"] - fp32["metric_mean"])
                 row["vs_fp32"] = row["metric_mean"] - fp32["metric_mean"]
                 row["within_fp32_std"] = gap >= -max(fp32["metric_std"], row["metric_std"])
-        out[task_name] = {"metric": spec["metric"], "direction": spec["direction"], "rows": rows}
+        if rows:
+            out[task_name] = {"metric": spec["metric"], "direction": spec["direction"], "rows": rows}
     return out
 
 
