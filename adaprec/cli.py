@@ -397,7 +397,7 @@ class Progress:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="digits",
-                   help="training task: digits, charlm, cifar10, imagefolder (see adaprec.tasks)")
+                   help="training task: digits, charlm, gptlm, cifar10, imagefolder (see adaprec.tasks)")
     p.add_argument("--data", metavar="PATH", help="data folder for cifar10 (holding cifar-10-batches-py) "
                    "or imagefolder (train/ and val/); adaprec never downloads data")
     p.add_argument("--model", metavar="NAME", help="torchvision model name for cifar10/imagefolder "

@@ -1,8 +1,9 @@
 """Real speed from precision decisions: a GPT-style model on the hardware backend (issue 8 benchmark).
 
-Trains a decoder-only transformer (pre-norm blocks of Linear layers, causal scaled-dot-product
-attention) as a character-level language model on the English text that ships with CPython
-(``pydoc_data.topics``) under five precision plans, each from the same initial weights and batches:
+Trains the decoder-only transformer of the ``gptlm`` task (:class:`adaprec.tasks.gptlm.GPT`: pre-norm
+blocks of Linear layers, causal scaled-dot-product attention) as a character-level language model on
+the English text that ships with CPython (``pydoc_data.topics``) under five precision plans, each
+from the same initial weights and batches:
 
 * ``fp32``: plain float32 matmuls (TF32 off);
 * ``bf16``: every Linear on bf16 kernels (autocast-style, float32 master weights);
@@ -40,7 +41,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
@@ -51,42 +51,11 @@ from adaprec.decision import Decision  # noqa: E402
 from adaprec.policies import Policy  # noqa: E402
 from adaprec.policies.muppet import MuPPET  # noqa: E402
 from adaprec.quant.hardware import hardware_precision  # noqa: E402
-from adaprec.tasks.charlm import Vocab, load_text  # noqa: E402
+from adaprec.tasks.gptlm import GPT  # noqa: E402
+from adaprec.tasks.text import Vocab, load_text  # noqa: E402
 
 PLANS = ("fp32", "bf16", "fp8", "muppet", "cycle")
 NOT_MEASURED = "not measured (no GPU in this task)"
-
-
-class GPT(nn.Module):
-    """Decoder-only transformer: token + position embeddings, pre-norm blocks, tied-free LM head.
-
-    Example:
-        >>> GPT(vocab=10, d_model=16, layers=1, heads=2, seq=8)(torch.zeros(2, 8, dtype=torch.long)).shape
-        torch.Size([2, 8, 10])
-    """
-
-    def __init__(self, vocab: int, d_model: int, layers: int, heads: int, seq: int) -> None:
-        super().__init__()
-        if d_model % heads:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
-        self.heads = heads
-        self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(seq, d_model)
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "ln1": nn.LayerNorm(d_model), "qkv": nn.Linear(d_model, 3 * d_model),
-            "proj": nn.Linear(d_model, d_model), "ln2": nn.LayerNorm(d_model),
-            "up": nn.Linear(d_model, 4 * d_model), "down": nn.Linear(4 * d_model, d_model),
-        }) for _ in range(layers))
-        self.ln, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        b, t = ids.shape
-        h = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
-        for blk in self.blocks:
-            q, k, v = blk["qkv"](blk["ln1"](h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            h = h + blk["proj"](a.transpose(1, 2).reshape(b, t, -1))
-            h = h + blk["down"](F.gelu(blk["up"](blk["ln2"](h))))
-        return self.head(self.ln(h))
 
 
 class FormatCycle(Policy):
@@ -130,6 +99,11 @@ def make_policy(plan: str, args: argparse.Namespace) -> Any:
     raise ValueError(f"unknown plan {plan!r}; known: {list(PLANS)}")
 
 
+def build_gpt(vocab: int, args: argparse.Namespace) -> GPT:
+    """The ``gptlm`` task's model at the benchmark's size."""
+    return GPT(vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq)
+
+
 def batches(n: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> tuple[int, list]:
     text = load_text()
     vocab = Vocab.from_text(text)
@@ -153,7 +127,7 @@ def _phase(ctl: Any) -> str:
 def run_plan(plan: str, args: argparse.Namespace, init: dict, data: list, vocab: int,
              device: torch.device) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model = GPT(vocab, args.d_model, args.layers, args.heads, args.seq).to(device)
+    model = build_gpt(vocab, args).to(device)
     model.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     cuda = device.type == "cuda"
@@ -296,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     vocab, data = batches(args.steps, args.batch, args.seq, device, args.seed)
     torch.manual_seed(args.seed)
-    init = GPT(vocab, args.d_model, args.layers, args.heads, args.seq).state_dict()
+    init = build_gpt(vocab, args).state_dict()
     res = {}
     for plan in args.plans:
         res[plan] = run_plan(plan, args, init, data, vocab, device)

@@ -266,32 +266,16 @@ def test_eval_mode_uses_the_eval_route():
 
 # --- with the Controller: restore, resume, schedules ----------------------------------------------
 
-class TinyGPT(nn.Module):
-    """Two pre-norm transformer blocks built from Linear layers (what the hardware routes accelerate)."""
+def TinyGPT(vocab: int) -> nn.Module:
+    """Two pre-norm transformer blocks built from Linear layers (what the hardware routes accelerate):
+    the ``gptlm`` task's model at a tiny size."""
+    from adaprec.tasks.gptlm import GPT
 
-    def __init__(self, vocab: int, d: int = 32, heads: int = 2, layers: int = 2, seq: int = 16) -> None:
-        super().__init__()
-        self.heads = heads
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d),
-            "ln2": nn.LayerNorm(d), "up": nn.Linear(d, 4 * d), "down": nn.Linear(4 * d, d),
-        }) for _ in range(layers))
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-    def forward(self, ids):
-        b, t = ids.shape
-        h = self.tok(ids) + self.pos(torch.arange(t))
-        for blk in self.blocks:
-            q, k, v = blk["qkv"](blk["ln1"](h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            h = h + blk["proj"](a.transpose(1, 2).reshape(b, t, -1))
-            h = h + blk["down"](F.gelu(blk["up"](blk["ln2"](h))))
-        return self.head(self.ln(h))
+    return GPT(vocab, d_model=32, n_layers=2, n_heads=2, seq_len=16)
 
 
 def _text_batches(n, batch=8, seq=16, seed=0):
-    from adaprec.tasks.charlm import Vocab, load_text
+    from adaprec.tasks.text import Vocab, load_text
 
     text = load_text()[:20_000]
     vocab = Vocab.from_text(text)

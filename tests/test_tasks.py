@@ -157,7 +157,7 @@ def test_charlm_batches_are_shifted_windows_of_the_training_text(small_lm):
 def test_charlm_metrics_are_consistent_and_learning_lowers_them(small_lm):
     model = small_lm.build_model(seed=0)
     m0 = small_lm.evaluate(model)
-    assert set(m0) == {"val_loss", "bpc", "perplexity"}
+    assert set(m0) == {"val_loss", "bpc", "perplexity", "accuracy"}
     assert m0["bpc"] == pytest.approx(m0["val_loss"] / math.log(2))
     assert m0["perplexity"] == pytest.approx(math.exp(m0["val_loss"]))
     # An untrained model is close to uniform over the vocabulary.

@@ -3,7 +3,7 @@
 Example:
     >>> from adaprec.tasks.registry import get_task, list_tasks
     >>> sorted(list_tasks())
-    ['charlm', 'cifar10', 'digits', 'imagefolder']
+    ['charlm', 'cifar10', 'digits', 'gptlm', 'imagefolder']
     >>> get_task("charlm", max_chars=5_000, seq_len=16).primary_metric
     'bpc'
 """
@@ -84,6 +84,12 @@ def _charlm(**kw: Any) -> Task:
     return CharLMTask(**kw)
 
 
+def _gptlm(**kw: Any) -> Task:
+    from .gptlm import GPTLMTask
+
+    return GPTLMTask(**kw)
+
+
 def _cifar10(path: str | None = None, **kw: Any) -> Task:
     from .cifar import Cifar10Task
 
@@ -103,6 +109,8 @@ def _imagefolder(path: str | None = None, **kw: Any) -> Task:
 
 register_task("digits", _digits, "scikit-learn 8x8 digits, small CNN; metric: test accuracy")
 register_task("charlm", _charlm, "character LSTM on pydoc_data.topics text; metric: bits per character")
+register_task("gptlm", _gptlm, "GPT-style character transformer on pydoc_data.topics text; metric: bits "
+              "per character")
 register_task("cifar10", _cifar10, "CIFAR-10 from path=, ResNet-20 (or model=<torchvision name>); accuracy")
 register_task("imagefolder", _imagefolder, "ImageFolder at path= (train/, val/), torchvision model=; "
               "accuracy")
