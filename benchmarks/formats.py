@@ -25,6 +25,7 @@ Run: ``python benchmarks/formats.py`` (about 30-40 minutes on two busy cores);
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from benchmarks.common import command_line, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "digits": {
@@ -197,8 +198,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['task']:7s} {r['plan']:10s} seed {r['seed']}: {TASKS[r['task']]['metric']} "
                   f"{r['primary']:.4f}  GBitOPs {r['gbitops']:.2f}  {r['time_s']:.0f}s", flush=True)
     wall = time.perf_counter() - start
+    if not args.quick and set(args.tasks) != set(TASKS):
+        # A run over some tasks keeps the other tasks' runs of the last full result file.
+        old = RESULTS_DIR / "formats.json"
+        if old.exists():
+            prev = json.loads(old.read_text())
+            runs = [r for r in prev.get("runs", []) if r["task"] not in args.tasks] + runs
+            wall += prev.get("wall_time_s", 0.0)
     summary = summarise(runs)
     md = _markdown(summary, seeds, wall, args.jobs)
+    if not args.quick and set(args.tasks) != set(TASKS):
+        md += f"\n\nThis file merges runs of separate invocations (the last one ran {', '.join(args.tasks)})."
     print(md)
     if args.quick:
         return 0
