@@ -205,3 +205,31 @@ def test_optuna_study_over_the_plugin_format():
     assert log3.values[1] < int4.values[1]  # 3-bit products cost fewer BitOPs than 4-bit ones
     policy = tune.policy_from(study, trial=log3, policy=LogFixed)
     assert policy.decide(None).default.weight == Log2Format(3)
+
+
+def test_no_module_outside_the_format_package_checks_a_formats_kind():
+    """The static half of the proof: no ``isinstance`` against a format kind and no use of a kind's
+    private tables anywhere in adaprec outside ``adaprec/formats/`` (constructing a format is fine)."""
+    import ast
+    from pathlib import Path
+
+    import adaprec.formats as formats_pkg
+
+    kinds = {"IntFormat", "FixedPoint", "FloatFormat", "BlockFormat", "FP32", "Log2Format"}
+    tables = {"FLOAT_FORMATS", "ELEMENT_FORMATS", "BLOCK_FORMATS"}
+    root = Path(adaprec.__file__).parent
+    fmt_dir = Path(formats_pkg.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        if fmt_dir in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                names = {getattr(c, "id", getattr(c, "attr", None)) for c in classes}
+                if names & kinds:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} isinstance {sorted(names & kinds)}")
+            name = getattr(node, "id", getattr(node, "attr", None))
+            if isinstance(node, ast.Name | ast.Attribute) and name in tables:
+                found.append(f"{path.relative_to(root)}:{node.lineno} uses a format table")
+    assert not found, found
