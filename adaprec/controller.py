@@ -396,7 +396,11 @@ class Controller:
         try:
             self.layer_names = self.backend.attach(self.model, self._layers)
             self._rng_key = register_rng(self.rounding_rng)
-            self.backend.set_rng(self._rng_key)
+            # Optional parts of the backend protocol (attach/apply/detach are required).
+            if hasattr(self.backend, "set_rng"):
+                self.backend.set_rng(self._rng_key)
+            if hasattr(self.backend, "end_iteration"):
+                self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.backend.end_iteration())
             ref = self.reference or Precision.cpt(8, 8)
             ref_layers = self._constrain(Decision.uniform(ref).resolve(self.layer_names), static=True)
             self.cost = CostMeter(self.layer_names, self.backend.macs, ref, scale=_world_size(),

@@ -36,7 +36,9 @@ bit-widths stay in tensors, so changing them never recompiles (DESIGN.md contrac
 **Activation checkpointing.** ``torch.utils.checkpoint`` runs a second forward of the checkpointed
 layers during the backward pass (both ``use_reentrant=True`` and ``False``). A forward that starts while
 autograd is executing a backward is that recompute — the same test ``torch.utils.checkpoint`` itself
-makes (``torch._C._current_graph_task_id() != -1``). It quantizes exactly as the first forward did but
+makes (``torch._C._current_graph_task_id() != -1``). It quantizes exactly as the first forward did (for
+stochastic forward rounding the site replays the rounding generator's state saved at that forward, in
+call order; torch's checkpoint restores only torch's own generators) but
 neither counts its multiply-accumulates again nor folds the batch range into the activation range a
 second time.
 
@@ -118,6 +120,15 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if site.native[training]:  # this call's forward quantizes by itself (hardware routes)
         return None
     r = site.roles(training)
+    gen = resume = None
+    if training and site.sr_forward and not torch.compiler.is_compiling():
+        gen = site.generator()
+        if gen is not None:
+            if not site.recomputing:
+                site.replay.append(gen.get_state())
+            elif site.replay:  # replay the noise of the forward this recompute repeats
+                resume = gen.get_state()
+                gen.set_state(site.replay.popleft())
     out = None
     if r.activation.active:
         # Activations before weights: stochastic rounding draws in the order the hardware routes use.
@@ -125,6 +136,8 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if r.weight.active:
         dim = site.kind.channel_dim
         site.w = {spec.key: r.weight(spec.raw(), channel_dim=dim) for spec in site.weights}
+    if resume is not None:
+        gen.set_state(resume)
     return out
 
 

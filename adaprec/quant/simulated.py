@@ -106,6 +106,12 @@ class SimulatedBackend:
         for site in self.sites.values():
             site.set_rng(key)
 
+    def end_iteration(self) -> None:
+        """An iteration completed: its forwards will not be recomputed any more (checkpoint replay)."""
+        for site in self.sites.values():
+            if site.replay:
+                site.replay.clear()
+
     def detach(self) -> None:
         for att in reversed(self._attached):
             att.remove()

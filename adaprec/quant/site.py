@@ -8,14 +8,19 @@ model, so ``model.state_dict()`` keeps its keys (DESIGN.md contract 2).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..formats import FP32, Format, Precision, run_kernel
+from ..formats import FP32, Format, Precision, rounding, run_kernel
 
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
+
+#: Training forwards per layer and iteration whose rounding state is kept for a checkpoint recompute
+#: (a bound against a loop that never completes iterations; one entry is a few KB).
+_REPLAY_MAX = 64
 
 
 class _STE(torch.autograd.Function):
@@ -244,6 +249,12 @@ class LayerSite:
         self.weights: list[Any] = []  # adaprec.quant.attach._WeightSpec, one per quantized weight
         self.hook_ids: frozenset[int] = frozenset()
         self.backend: Any = None  # a backend's own per-layer state (the hardware routes)
+        # Stochastic forward rounding (MuPPET's fixed point) under activation checkpointing: the state of
+        # the rounding generator at each training forward of this iteration, so that the recompute draws
+        # the same noise as the forward it replays (torch.utils.checkpoint restores torch's own
+        # generators, not adaprec's). Cleared when the controller completes an iteration.
+        self.replay: deque[Tensor] = deque(maxlen=_REPLAY_MAX)
+        self.sr_forward = False
 
     def _share_range(self) -> None:
         # Eval mode reads the running range collected by the training activation quantizer.
@@ -256,6 +267,12 @@ class LayerSite:
     def set(self, train: Precision, eval: Precision | None = None) -> None:
         self.train.set(train)
         self.eval.set(train if eval is None else eval)
+        self.sr_forward = any(q.active and q.stochastic for q in (self.train.weight, self.train.activation))
+
+    def generator(self) -> torch.Generator | None:
+        """The controller's rounding generator on this layer's device (``None``: torch's own, which
+        ``torch.utils.checkpoint`` already restores for a recompute)."""
+        return rounding.generator(self.train.activation.rng, self.device)
 
     def set_rng(self, key: int) -> None:
         """Draw stochastic rounding from the generator ``key`` (:mod:`adaprec.formats.rounding`)."""
