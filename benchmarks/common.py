@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RESULTS_DIR", "machine_info", "write_results", "median", "command_line"]
+__all__ = ["RESULTS_DIR", "machine_info", "write_results", "median", "mean_std", "command_line"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -78,6 +79,19 @@ def command_line() -> str:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the non-NaN values (std 0 for one value, NaN for none).
+
+    Example:
+        >>> mean_std([1.0, 3.0, float("nan")])
+        (2.0, 1.4142135623730951)
+    """
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def write_results(name: str, data: dict, table_md: str, command: str) -> None:

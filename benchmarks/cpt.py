@@ -17,7 +17,6 @@ Run: ``python benchmarks/cpt.py`` (about 5-10 minutes on two busy CPU cores);
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, command_line, mean_std, write_results  # noqa: E402
 
 CYCLES = 8  # per run; the paper's 32 cycles would leave periods of ~10 iterations in runs this short
 
@@ -133,13 +132,6 @@ def run_one(task_name: str, label: str, seed: int, quick: bool = False) -> dict[
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean/std per (task, config), savings against the matching static run, and the goal check."""
     summary: dict[str, Any] = {}
@@ -149,13 +141,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             rs = [r for r in runs if r["task"] == task_name and r["config"] == label]
             if not rs:
                 continue
-            m, s = _mean_std([r["primary"] for r in rs])
-            g, gs = _mean_std([r["gbitops"] for r in rs])
+            m, s = mean_std([r["primary"] for r in rs])
+            g, gs = mean_std([r["gbitops"] for r in rs])
             row = {"metric_mean": m, "metric_std": s, "gbitops_mean": g, "gbitops_std": gs,
                    "savings_vs_fp32": 1 - g / statistics.fmean(r["gbitops_fp32"] for r in rs),
                    "seeds": [r["seed"] for r in rs], "values": [r["primary"] for r in rs]}
             if task_name == "charlm":
-                row["bpc_mean"], row["bpc_std"] = _mean_std([r["metrics"]["bpc"] for r in rs])
+                row["bpc_mean"], row["bpc_std"] = mean_std([r["metrics"]["bpc"] for r in rs])
             if "bounds" in rs[0]:
                 row["bounds"] = [r["bounds"] for r in rs]
             rows[label] = row

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, command_line, mean_std, write_results  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "digits": {
@@ -115,13 +115,6 @@ def run_one(task_name: str, label: str, seed: int, quick: bool = False) -> dict[
     }
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for task_name, spec in TASKS.items():
@@ -130,8 +123,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             rs = [r for r in runs if r["task"] == task_name and r["plan"] == label]
             if not rs:
                 continue
-            m, s = _mean_std([r["primary"] for r in rs])
-            g, gs = _mean_std([r["gbitops"] for r in rs])
+            m, s = mean_std([r["primary"] for r in rs])
+            g, gs = mean_std([r["gbitops"] for r in rs])
             rows[label] = {"metric_mean": m, "metric_std": s, "gbitops_mean": g, "gbitops_std": gs,
                            "values": [r["primary"] for r in rs], "seeds": [r["seed"] for r in rs],
                            "savings_vs_fp32": 1 - g / statistics.fmean(r["gbitops_fp32"] for r in rs)}
