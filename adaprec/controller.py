@@ -401,7 +401,7 @@ class Controller:
             ref_layers = self._constrain(Decision.uniform(ref).resolve(self.layer_names), static=True)
             self.cost = CostMeter(self.layer_names, self.backend.macs, ref, scale=_world_size(),
                                   reference_layers=ref_layers)
-            self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.cost.step())
+            self.on(Event.ITERATION_COMPLETED, _fold_cost)
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
@@ -909,6 +909,13 @@ class _RestoreAttr:
             self.obj.__dict__[self.name] = self.orig
         else:
             self.obj.__dict__.pop(self.name, None)
+
+
+def _fold_cost(ctl: Controller, **_: Any) -> None:
+    ctl.cost.step()
+    end = getattr(ctl.backend, "end_step", None)  # a third-party backend may not have one
+    if end is not None:
+        end()
 
 
 def _world_size() -> int:

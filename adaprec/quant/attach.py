@@ -37,8 +37,9 @@ bit-widths stay in tensors, so changing them never recompiles (DESIGN.md contrac
 layers during the backward pass (both ``use_reentrant=True`` and ``False``). A forward that starts while
 autograd is executing a backward is that recompute — the same test ``torch.utils.checkpoint`` itself
 makes (``torch._C._current_graph_task_id() != -1``). It quantizes exactly as the first forward did but
-neither counts its multiply-accumulates again nor folds the batch range into the activation range a
-second time.
+neither bills its forward product again nor folds the batch range into the activation range a
+second time. (A reentrant checkpoint runs the first forward without autograd: that forward bills its
+forward product only, and the recompute bills the backward products; see ``LayerSite.count``.)
 
 Example:
     >>> import copy, torch
@@ -185,8 +186,9 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
         return None
     training = module.training
     kind = site.kind
-    if training and not site.recomputing:
-        site.count(kind.macs(module, _inputs(kind, args, kwargs), output))
+    if training:  # the site bills the products that run (a recompute: its backward's only)
+        inputs = _inputs(kind, args, kwargs)
+        site.count(kind.macs(module, inputs, output), inputs)
     if site.native[training]:
         return None
     g = site.roles(training).gradient
