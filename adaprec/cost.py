@@ -27,7 +27,7 @@ Example:
     >>> from adaprec.formats import Precision
     >>> bitops_factor(Precision.cpt(8, 8)), bitops_factor(Precision.fp32())
     (192.0, 3072.0)
-    >>> kind_factors(Precision.cpt(4, 8))[:4]   # forward: both quantized, FP32 activation, FP32 weight, both FP32
+    >>> kind_factors(Precision.cpt(4, 8))[:4]   # forward: w x a, w x fp32, fp32 x a, fp32 x fp32
     [16.0, 128.0, 128.0, 1024.0]
 """
 
@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from .formats import Precision
-from .formats.precision import FP32_BITOPS_PER_MAC
 
 __all__ = ["CostMeter", "bitops_factor", "kind_factors", "kind_index", "KINDS", "PRODUCTS", "OPERANDS"]
 
@@ -79,7 +78,7 @@ def bitops_factor(p: Precision) -> float:
 def kind_factors(p: Precision) -> list[float]:
     """BitOPs per MAC of each product kind (:data:`KINDS`) at precision ``p``; an operand that is not
     quantized counts 32 bits."""
-    bits = {"weight": p.weight.cost_bits, "activation": p.activation.cost_bits, "gradient": p.gradient.cost_bits}
+    bits = {r: getattr(p, r).cost_bits for r in ("weight", "activation", "gradient")}
     out = []
     for product, lq, rq in KINDS:
         left, right = OPERANDS[product]
@@ -124,8 +123,8 @@ class CostMeter:
     def __init__(self, names: list[str], macs: Tensor, reference: Precision | None = None,
                  scale: int = 1, reference_layers: dict[str, Precision] | None = None) -> None:
         if macs.dim() != 2 or macs.shape != (len(names), len(KINDS)):
-            raise ValueError(f"CostMeter: macs must have shape ({len(names)}, {len(KINDS)}) (layers x product "
-                             f"kinds), got {tuple(macs.shape)}")
+            raise ValueError(f"CostMeter: macs must have shape ({len(names)}, {len(KINDS)}) (layers x "
+                             f"product kinds), got {tuple(macs.shape)}")
         self.names = list(names)
         self.scale = scale  # world size under torch.distributed: count the global batch
         self.macs = macs

@@ -147,7 +147,8 @@ def _quantized_forward(self: nn.RNNBase, site: Any, roles: Any, input: Any, hx: 
     quantized = {}
     for spec in site.weights:
         raw = spec.raw()
-        quantized[spec.key] = roles.weight(raw, channel_dim=site.kind.channel_dim) if roles.weight.active else raw
+        quantized[spec.key] = (roles.weight(raw, channel_dim=site.kind.channel_dim) if roles.weight.active
+                               else raw)
 
     def param(pname: str) -> Tensor | None:
         if pname in quantized:
@@ -497,7 +498,8 @@ def _products(m: nn.RNNBase, n: int, first: tuple[int, int], x_rg: bool, h0_rg: 
     # Around torch's kernel the errors inside are FP32 (quantized only where they leave the layer).
     return {"forward": f["forward"], ("forward", True, False): f["forward_fp32"],
             ("input_grad", False, True): f["input_grad"],
-            ("weight_grad", False, True): f["weight_grad"], ("weight_grad", False, False): f["weight_grad_fp32"]}
+            ("weight_grad", False, True): f["weight_grad"],
+            ("weight_grad", False, False): f["weight_grad_fp32"]}
 
 
 def rnn_macs(m: nn.RNNBase, inputs: tuple[Any, ...], out: Any) -> dict[Any, int]:

@@ -10,9 +10,10 @@ and :meth:`SimulatedBackend.detach` leaves the layers exactly as they were.
 Which layer types, and what counts as their weights and inputs, comes from the layer table
 (:mod:`adaprec.quant.layers`; :func:`~adaprec.quant.layers.register_layer` adds types). Out of the
 box: ``Conv1d/2d/3d``, ``Linear``, ``LSTM``/``GRU``/``RNN`` (all weight matrices, every product
-quantized inside the recurrence: :mod:`adaprec.quant.rnn`) and ``MultiheadAttention`` (in-projection and out-projection
-weights; query/key/value inputs; the attention output's gradient — the attention products themselves
-are not quantized), and Hugging Face's ``Conv1D`` once ``transformers`` is imported.
+quantized inside the recurrence: :mod:`adaprec.quant.rnn`) and ``MultiheadAttention`` (in-projection
+and out-projection weights; query/key/value inputs; the attention output's gradient — the attention
+products themselves are not quantized, and the operands they produce are billed at 32 bits), and
+Hugging Face's ``Conv1D`` once ``transformers`` is imported.
 
 Example:
     >>> import torch
