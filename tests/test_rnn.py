@@ -16,21 +16,21 @@ from adaprec.quant import rnn
 from adaprec.quant.simulated import SimulatedBackend
 from adaprec.quant.site import quantize_grad, ste
 
-T, B, I, H = 5, 3, 4, 6
+T, B, IN, H = 5, 3, 4, 6
 LENGTHS = torch.tensor([5, 2, 4])
 
 
 def _make(kind: str, **kw) -> nn.RNNBase:
     torch.manual_seed(0)
     if kind == "rnn-relu":
-        return nn.RNN(I, H, nonlinearity="relu", **kw)
-    return {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](I, H, **kw)
+        return nn.RNN(IN, H, nonlinearity="relu", **kw)
+    return {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](IN, H, **kw)
 
 
 def _inputs(m: nn.RNNBase, packed: bool, unbatched: bool, with_state: bool, dtype=torch.float64):
     """Leaves (input, initial state) and a function building the call's arguments from them."""
     torch.manual_seed(1)
-    x = torch.randn((B, T, I) if m.batch_first else (T, B, I), dtype=dtype)
+    x = torch.randn((B, T, IN) if m.batch_first else (T, B, IN), dtype=dtype)
     if unbatched:
         x = x[0] if m.batch_first else x[:, 0]
     leaves = [x.requires_grad_()]
@@ -48,8 +48,9 @@ def _inputs(m: nn.RNNBase, packed: bool, unbatched: bool, with_state: bool, dtyp
             hx = (h0, c0)
 
     def args():
-        xin = pack_padded_sequence(x, LENGTHS, batch_first=m.batch_first, enforce_sorted=False) if packed else x
-        return xin, hx
+        if packed:
+            return pack_padded_sequence(x, LENGTHS, batch_first=m.batch_first, enforce_sorted=False), hx
+        return x, hx
 
     return leaves, args
 
@@ -79,8 +80,9 @@ CONFIGS = [
     ("rnn", {"bidirectional": True}, True, False, True),
     ("rnn-relu", {"num_layers": 2, "batch_first": True}, False, False, False),
 ]
-IDS = ["lstm", "lstm-2l-bi-bf-packed-hx", "lstm-proj-2l-hx", "lstm-proj-bi-nobias-packed", "lstm-unbatched-hx",
-       "gru-2l-bi-packed-hx", "gru-bf-nobias-unbatched", "rnn-bi-packed-hx", "rnn-relu-2l-bf"]
+IDS = ["lstm", "lstm-2l-bi-bf-packed-hx", "lstm-proj-2l-hx", "lstm-proj-bi-nobias-packed",
+       "lstm-unbatched-hx", "gru-2l-bi-packed-hx", "gru-bf-nobias-unbatched", "rnn-bi-packed-hx",
+       "rnn-relu-2l-bf"]
 
 
 @pytest.mark.parametrize(("kind", "kw", "packed", "unbatched", "with_state"), CONFIGS, ids=IDS)
@@ -101,7 +103,7 @@ def test_fp32_formats_compute_what_torch_computes(kind, kw, packed, unbatched, w
     flat = [ref_out[0], *(ref_out[1] if isinstance(ref_out[1], tuple) else (ref_out[1],))]
     mine = [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]
     for a, b in zip(flat, mine):
-        a, b = (a.data if isinstance(a, PackedSequence) else a), (b.data if isinstance(b, PackedSequence) else b)
+        a, b = (t.data if isinstance(t, PackedSequence) else t for t in (a, b))
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
     assert len(ref) == len(got)
     for a, b in zip(ref, got):
@@ -138,7 +140,7 @@ def _gq(x):
 
 
 def _reference(m: nn.RNNBase, x: torch.Tensor, lengths: list[int] | None):
-    """Time-major ``x`` (T, B, I) or packed data: every product with quantized operands, errors at each
+    """Time-major ``x`` (T, B, IN) or packed data: every product with quantized operands, errors at each
     product's output quantized, by autograd."""
     d = 2 if m.bidirectional else 1
     sizes = lengths or [x.shape[1]] * x.shape[0]
@@ -188,7 +190,7 @@ def _reference(m: nn.RNNBase, x: torch.Tensor, lengths: list[int] | None):
 def test_quantized_recurrence_matches_plain_autograd(kind: str, packed: bool) -> None:
     m = _make(kind, num_layers=2, bidirectional=True)
     torch.manual_seed(3)
-    x = torch.randn(T, B, I)
+    x = torch.randn(T, B, IN)
     order = torch.argsort(LENGTHS, descending=True)
     lengths = LENGTHS[order].tolist()
     xs = x[:, order]  # sorted by length, as a packed sequence is
@@ -218,7 +220,7 @@ def test_quantized_recurrence_matches_plain_autograd(kind: str, packed: bool) ->
 
 def test_fp32_activations_and_errors_run_torchs_kernel_with_quantized_weights() -> None:
     m = _make("lstm", batch_first=True)
-    x = torch.randn(B, T, I)
+    x = torch.randn(B, T, IN)
     wq = {n: W_FMT.quantize(p.detach()) if n.startswith("weight") else p.detach()
           for n, p in m.named_parameters()}
     plain = _make("lstm", batch_first=True)
@@ -231,7 +233,7 @@ def test_fp32_activations_and_errors_run_torchs_kernel_with_quantized_weights() 
 
 def test_higher_order_gradients_through_the_recurrence_are_refused() -> None:
     m = _make("gru")
-    x = torch.randn(T, B, I, requires_grad=True)
+    x = torch.randn(T, B, IN, requires_grad=True)
     with adaprec.Controller(m, policy=Fixed(4, 8), classifier_floor=False):
         y, _ = m(x)
         with pytest.raises(RuntimeError, match="does not support higher-order gradients"):
@@ -240,14 +242,14 @@ def test_higher_order_gradients_through_the_recurrence_are_refused() -> None:
 
 def test_products_billed_follow_what_needs_a_gradient() -> None:
     m = _make("lstm", num_layers=2)
-    x = torch.randn(T, B, I)
+    x = torch.randn(T, B, IN)
     h0, c0 = torch.zeros(2, B, H, requires_grad=True), torch.zeros(2, B, H)
     with adaprec.Controller(m, policy=Fixed(4, 8), classifier_floor=False) as ctl:
         m(x, (h0, c0))[0].sum().backward()
         ctl.step()
     p = ctl.cost.product_summary()[""]
     n = T * B
-    ih0, hh, ih1 = 4 * H * I, 4 * H * H, 4 * H * H
+    ih0, hh, ih1 = 4 * H * IN, 4 * H * H, 4 * H * H
     assert p["forward"] == n * (ih0 + hh + ih1 + hh) == p["weight_grad"]
     # Data input: no input gradient for layer 0's input projection; the initial state needs one, so
     # every step's recurrent product has its input gradient.
@@ -263,8 +265,8 @@ class _OwnForwardLSTM(nn.LSTM):
 
 def test_a_layer_with_its_own_forward_is_billed_at_the_widths_it_runs() -> None:
     torch.manual_seed(0)
-    m = _OwnForwardLSTM(I, H, num_layers=2)
-    x = torch.randn(T, B, I)
+    m = _OwnForwardLSTM(IN, H, num_layers=2)
+    x = torch.randn(T, B, IN)
     with adaprec.Controller(m, policy=Fixed(4, 8), classifier_floor=False) as ctl:
         assert ctl.backend.sites[""].native == [False, False]
         m(x)[0].sum().backward()
@@ -273,7 +275,7 @@ def test_a_layer_with_its_own_forward_is_billed_at_the_widths_it_runs() -> None:
     n = T * B
     # Around torch's kernel only layer 0's input is quantized: its hidden states, layer 1's input and
     # all errors inside the recurrence are FP32, and billed as FP32.
-    assert p["forward"] == n * 4 * H * I
+    assert p["forward"] == n * 4 * H * IN
     assert p["forward/q,fp32"] == n * (4 * H * H * 3)
     assert "input_grad" not in p and p["input_grad/fp32,q"] > 0
     r = ctl.report()
@@ -282,7 +284,7 @@ def test_a_layer_with_its_own_forward_is_billed_at_the_widths_it_runs() -> None:
 
 def test_eval_and_no_grad_forwards() -> None:
     m = _make("gru", batch_first=True)
-    x = torch.randn(B, T, I)
+    x = torch.randn(B, T, IN)
     with adaprec.Controller(m, policy=Fixed(4, 8), classifier_floor=False) as ctl:
         m(x)[0].sum().backward()  # a training step sets the input's running range
         ctl.step()
