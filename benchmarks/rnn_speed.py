@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         target = torch.randint(0, VOCAB, (BATCH, seq), generator=g)
         runs = {name: _setup(hidden, b) for name, b in configs.items()}
         times: dict[str, list[float]] = {name: [] for name in configs}
-        for name, (model, opt, _) in runs.items():  # warm-up
+        for model, opt, _ in runs.values():  # warm-up
             for _ in range(3):
                 _step(model, opt, ids, target)
         for _ in range(args.rounds):
@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
               + f"; quantized / 0.1 path = {new / old:.2f}x")
     if not args.no_write:
         names = list(configs)
-        table = ["| hidden | seq | " + " | ".join(f"{n} (ms/step)" for n in names) + " | quantized / 0.1 path |",
-                 "|---|---|" + "---|" * len(names) + "---|"]
+        head = " | ".join(f"{n} (ms/step)" for n in names)
+        table = [f"| hidden | seq | {head} | quantized / 0.1 path |", "|---|---|" + "---|" * len(names) + "---|"]
         for r in rows:
-            table.append(f"| {r['hidden']} | {r['seq_len']} | " + " | ".join(f"{r['ms'][n]:.1f}" for n in names)
-                         + f" | {r['ratio']:.2f}x |")
+            cells = " | ".join(f"{r['ms'][n]:.1f}" for n in names)
+            table.append(f"| {r['hidden']} | {r['seq_len']} | {cells} | {r['ratio']:.2f}x |")
         note = ("\n\nMedian process CPU time of one Adam step (1 thread), alternating configurations, "
                 f"{args.rounds} rounds; static 8/8 with stochastic 8-bit errors, batch {BATCH}.")
         write_results("rnn_speed", {"rows": rows, "rounds": args.rounds, "target_ratio": 3.0},

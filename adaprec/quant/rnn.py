@@ -219,6 +219,10 @@ def _initial_state(self: nn.RNNBase, hx: Any, lstm: bool, unbatched: bool, batch
     return tuple(states) if lstm else states[0]
 
 
+# torch.compile would unroll the time loop (seconds of tracing per step of the sequence) and gains nothing
+# on a loop of small products: the recurrence runs eagerly inside a compiled model (one graph break per
+# layer and direction).
+@torch.compiler.disable
 def _direction(cell: str, x: Tensor, steps: list[int] | int, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                b_hh: Tensor | None, w_hr: Tensor | None, h: Tensor, c: Tensor | None, reverse: bool,
                act, grad) -> tuple[Tensor, Tensor, Tensor | None]:
