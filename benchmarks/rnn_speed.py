@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         names = list(configs)
         head = " | ".join(f"{n} (ms/step)" for n in names)
-        table = [f"| hidden | seq | {head} | quantized / 0.1 path |", "|---|---|" + "---|" * len(names) + "---|"]
+        table = [f"| hidden | seq | {head} | quantized / 0.1 path |",
+                 "|---|---|" + "---|" * len(names) + "---|"]
         for r in rows:
             cells = " | ".join(f"{r['ms'][n]:.1f}" for n in names)
             table.append(f"| {r['hidden']} | {r['seq_len']} | {cells} | {r['ratio']:.2f}x |")
