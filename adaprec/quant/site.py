@@ -306,6 +306,9 @@ class LayerSite:
         elif not torch.is_grad_enabled():
             self.deferred += 1
             row[4:] = (0.0,) * (len(KINDS) - 4)
+        if torch.compiler.is_compiling():  # a constant of the traced program (a cache would add guards)
+            self.macs.add_(torch.tensor(row, dtype=torch.float64, device=self.macs.device))
+            return
         key = tuple(row)
         vec = self._rows.get(key)
         if vec is None:
