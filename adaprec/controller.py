@@ -92,8 +92,9 @@ class Report(dict):
     ``steps``, ``epochs``       iterations counted (optimizer steps or ``ctl.step()``) and epochs
                                 completed (``ctl.epoch()``)
     ``layers``                  number of quantized layers
-    ``gbitops``                 training cost so far in 10^9 bit-operations (docs/methods.md#bitops)
-    ``gbitops_fp32``            the same MACs at FP32 (32x32 bits for each of the three products)
+    ``gbitops``                 training cost so far in 10^9 bit-operations: the products that ran, each
+                                at its operands' widths (docs/methods.md#bitops)
+    ``gbitops_fp32``            the same products at FP32 (32x32 bits each)
     ``reference``               the static reference (default ``int8/int8``: CPT's static 8/8 baseline)
     ``gbitops_reference``       the same MACs in a static run at ``reference`` *with the same
                                 constraints* (the classifier floor included): a run the user can do
