@@ -92,8 +92,9 @@ class Report(dict):
     ``steps``, ``epochs``       iterations counted (optimizer steps or ``ctl.step()``) and epochs
                                 completed (``ctl.epoch()``)
     ``layers``                  number of quantized layers
-    ``gbitops``                 training cost so far in 10^9 bit-operations (docs/methods.md#bitops)
-    ``gbitops_fp32``            the same MACs at FP32 (32x32 bits for each of the three products)
+    ``gbitops``                 training cost so far in 10^9 bit-operations: the products that ran, each
+                                at its operands' widths (docs/methods.md#bitops)
+    ``gbitops_fp32``            the same products at FP32 (32x32 bits each)
     ``reference``               the static reference (default ``int8/int8``: CPT's static 8/8 baseline)
     ``gbitops_reference``       the same MACs in a static run at ``reference`` *with the same
                                 constraints* (the classifier floor included): a run the user can do
@@ -399,13 +400,11 @@ class Controller:
             # Optional parts of the backend protocol (attach/apply/detach are required).
             if hasattr(self.backend, "set_rng"):
                 self.backend.set_rng(self._rng_key)
-            if hasattr(self.backend, "end_iteration"):
-                self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.backend.end_iteration())
             ref = self.reference or Precision.cpt(8, 8)
             ref_layers = self._constrain(Decision.uniform(ref).resolve(self.layer_names), static=True)
             self.cost = CostMeter(self.layer_names, self.backend.macs, ref, scale=_world_size(),
                                   reference_layers=ref_layers)
-            self.on(Event.ITERATION_COMPLETED, lambda ctl, **_: ctl.cost.step())
+            self.on(Event.ITERATION_COMPLETED, _fold_cost)
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
@@ -913,6 +912,13 @@ class _RestoreAttr:
             self.obj.__dict__[self.name] = self.orig
         else:
             self.obj.__dict__.pop(self.name, None)
+
+
+def _fold_cost(ctl: Controller, **_: Any) -> None:
+    ctl.cost.step()
+    end = getattr(ctl.backend, "end_iteration", None)  # optional in a third-party backend
+    if end is not None:
+        end()
 
 
 def _world_size() -> int:

@@ -17,9 +17,14 @@ Tag names (stable; the CLI's ``adaprec report`` and the tests rely on them):
                                     statistics such as gradient diversity), when it changes
 ``policy/<key>``                    the numbers returned by the policy's ``signals()`` method, if it has one
 ``lr/group<i>``                     learning rate of each optimizer parameter group
-``cost/gbitops``                    cumulative training GBitOPs, and ``cost/savings_vs_fp32``,
-``cost/savings_vs_reference``       savings against FP32 and the static reference (default 8/8 bits);
-                                    every ``log_every`` steps and at each epoch end (reading them syncs)
+``cost/gbitops``                    cumulative training GBitOPs (the products that ran, at the widths they
+                                    ran; docs/methods.md#bitops); every ``log_every`` steps and at each epoch
+                                    end (reading them syncs), with the savings (fractions of 1) against:
+``cost/savings_vs_fp32``            FP32: the same products at 32 bits;
+``cost/savings_vs_reference``       a static run at the reference precision (default int8/int8) *with the
+                                    same constraints* (the classifier floor included): a run you can do;
+``cost/savings_vs_reference_ideal`` the reference formula's ideal, every layer at the reference precision
+                                    (constraints ignored): for comparison with papers, not a run
 ``report/<key>[/<sub>]``            other numeric entries of ``ctl.report()``, dicts one level deep (FP32
                                     and reference GBitOPs, per-layer GBitOPs, time at each precision,
                                     modelled time per hardware...), at epoch ends and at the end
@@ -69,10 +74,13 @@ from .events import Event
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import Controller
 
-__all__ = ["Logger", "trial_logdir", "read_scalars", "log_prt", "bits_tag", "ROLES"]
+__all__ = ["Logger", "trial_logdir", "read_scalars", "log_prt", "bits_tag", "ROLES", "COST_TAGS"]
 
 #: The three roles of a layer's precision, in tag order.
 ROLES = ("weight", "activation", "gradient")
+#: the ``cost/...`` tags: cumulative GBitOPs and the savings against FP32, the static reference run with the
+#: same constraints, and the reference formula's ideal
+COST_TAGS = ("gbitops", "savings_vs_fp32", "savings_vs_reference", "savings_vs_reference_ideal")
 
 
 def bits_tag(layer: str, role: str) -> str:
@@ -285,6 +293,7 @@ class Logger:
         self._bits_step: dict[str, int] = {}    # layer -> last step its bits were written
         self._last_flush_step = -1
         self._last_report_step = -1
+        self._reference = "reference"  # the reference precision's name, for chart titles
         self._closed = False
 
     @property
@@ -314,6 +323,7 @@ class Logger:
             on(Event.EXCEPTION_RAISED, self._on_exception),
         ]
         ctl.components.setdefault("tensorboard", self)
+        self._reference = ctl.cost.reference.short() if ctl.cost is not None else "reference"
         self._write_layout(ctl.layer_names)
         if ctl.current:  # attached inside the block: record what is in force now
             self._write_bits(ctl.current, ctl.step_count)
@@ -422,7 +432,7 @@ class Logger:
                     self.writer.add_scalar(f"lr/group{i}", float(lr), step)
         if ctl.cost is not None and ctl.cost.steps:
             s = ctl.cost.summary()
-            for key in ("gbitops", "savings_vs_fp32", "savings_vs_reference"):
+            for key in COST_TAGS:
                 self.writer.add_scalar(f"cost/{key}", float(s[key]), step)
 
     def _write_report(self, ctl: Controller, step: int) -> dict[str, Any]:
@@ -458,7 +468,11 @@ class Logger:
             "adaprec training": {
                 "loss (mean, min, max)": ["Margin", ["loss/mean", "loss/min", "loss/max"]],
                 "cumulative GBitOPs": ["Multiline", ["^cost/gbitops$"]],
-                "savings": ["Multiline", ["^cost/savings_.*"]],
+                "savings vs FP32": ["Multiline", ["^cost/savings_vs_fp32$"]],
+                f"savings vs static {self._reference} (same constraints)":
+                    ["Multiline", ["^cost/savings_vs_reference$"]],
+                f"savings vs ideal {self._reference} formula (constraints ignored)":
+                    ["Multiline", ["^cost/savings_vs_reference_ideal$"]],
             },
         })
 
@@ -494,7 +508,7 @@ class Logger:
         hp.update(self.hparams)
         hp = {k: _hparam_value(v) for k, v in hp.items()}
         metrics: dict[str, float] = {}
-        for key in ("gbitops", "savings_vs_fp32", "savings_vs_reference"):
+        for key in COST_TAGS:
             if isinstance(report.get(key), numbers.Real):
                 metrics[f"hparam/{key}"] = float(report[key])
         for key, value in ctl.stats.items():
@@ -514,8 +528,7 @@ class Logger:
 
 # Report entries that other tags already carry (cost/..., stats/... for "observed") or that are plain
 # counters.
-_REPORT_SKIP = frozenset({"steps", "epochs", "layers", "gbitops", "savings_vs_fp32", "savings_vs_reference",
-                          "observed"})
+_REPORT_SKIP = frozenset({"steps", "epochs", "layers", "observed", *COST_TAGS})
 
 
 def _rank() -> int:

@@ -6,9 +6,11 @@ for any run, on a T4 (Turing) and an H100, using vendor peak dense throughputs
 
 The model, and its assumptions (read them before quoting a number):
 
-1. **Only the quantized layers' matrix products are timed.** Per layer and step there are three products
-   of ``M`` multiply-accumulates each (forward ``W x A``, error ``E x W``, weight gradient ``E x A``;
-   ``M`` from :class:`~adaprec.cost.CostMeter`), each ``2 M`` operations. Everything else (element-wise
+1. **Only the quantized layers' matrix products are timed**, the ones that ran: per layer and step up to
+   three products of ``M`` multiply-accumulates each (forward ``W x A``, error ``E x W``, weight
+   gradient ``E x A``), each ``2 M`` operations, with the MACs and operand widths the
+   :class:`~adaprec.cost.CostMeter` counted per product kind (an operand a layer leaves FP32 is timed
+   as FP32; docs/methods.md#bitops). Everything else (element-wise
    ops, normalisation, the optimizer, quantize/dequantize, data loading, memory traffic) is either
    ignored or, with ``other_fraction = f``, taken as a fixed share ``f`` of the FP32 step time that
    precision does not change (Amdahl).
@@ -48,15 +50,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .cost import KINDS, OPERANDS
 from .events import Event
-from .formats import Format, Precision
+from .formats import FP32, Format, Precision
 from .observers.base import Observer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import Controller
 
-__all__ = ["Hardware", "HARDWARE", "product_rate", "step_seconds_per_mac", "relative_speed",
-           "TrainingTimeModel", "attach_time_model"]
+__all__ = ["Hardware", "HARDWARE", "product_rate", "step_seconds_per_mac", "kind_seconds_per_mac",
+           "relative_speed", "TrainingTimeModel", "attach_time_model"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,19 @@ def step_seconds_per_mac(p: Precision, hardware: str | Hardware) -> float:
     return sum(2.0 / product_rate(x, y, hardware)[0] for x, y in ((w, a), (g, w), (g, a)))
 
 
+def kind_seconds_per_mac(p: Precision, hardware: str | Hardware) -> list[float]:
+    """Seconds per MAC of each product kind (:data:`adaprec.cost.KINDS`) at precision ``p``; an operand
+    the layer leaves unquantized is FP32."""
+    fp32 = FP32()
+    out = []
+    for product, lq, rq in KINDS:
+        left, right = OPERANDS[product]
+        a = getattr(p, left) if lq else fp32
+        b = getattr(p, right) if rq else fp32
+        out.append(2.0 / product_rate(a, b, hardware)[0])
+    return out
+
+
 def relative_speed(p: Precision, hardware: str | Hardware) -> float:
     """How many times faster a layer's training products run at ``p`` than at FP32 (model above)."""
     return step_seconds_per_mac(Precision.fp32(), hardware) / step_seconds_per_mac(p, hardware)
@@ -170,10 +186,11 @@ class TrainingTimeModel(Observer):
             raise ValueError(f"other_fraction must be a number in [0, 1), got {other_fraction!r}")
         self.other_fraction = float(other_fraction)
         self.keys = keys
-        self._fp32 = torch.tensor([step_seconds_per_mac(Precision.fp32(), h) for h in self.hardware],
+        # seconds per MAC of one FP32 product
+        self._fp32 = torch.tensor([2.0 / product_rate(FP32(), FP32(), h)[0] for h in self.hardware],
                                   dtype=torch.float64)
-        self._factors: Tensor | None = None   # (hardware, layers) seconds per MAC now in force
-        self._base: Tensor | None = None      # per-layer MACs already charged
+        self._factors: Tensor | None = None   # (hardware, layers, kinds) seconds per MAC now in force
+        self._base: Tensor | None = None      # (layers, kinds) MACs already charged
         self._acc: Tensor | None = None       # (hardware,) seconds so far
         self._pending: dict[str, Any] | None = None
 
@@ -187,7 +204,7 @@ class TrainingTimeModel(Observer):
     def _subscribe(self, ctl: Controller) -> None:
         if ctl.cost is None:
             raise RuntimeError("TrainingTimeModel needs an entered Controller (it reads ctl.cost)")
-        macs = ctl.cost.layer_macs
+        macs = ctl.cost.product_macs
         self._fp32 = self._fp32.to(macs.device)
         self._base = macs.clone()
         self._acc = torch.zeros(len(self.hardware), dtype=torch.float64, device=macs.device)
@@ -201,25 +218,26 @@ class TrainingTimeModel(Observer):
     def _rates(self, ctl: Controller, layers: dict[str, Precision] | None) -> Tensor:
         layers = layers or {}
         names = ctl.cost.names
-        rows = [[step_seconds_per_mac(layers.get(n, Precision.fp32()), h) for n in names]
+        rows = [[kind_seconds_per_mac(layers.get(n, Precision.fp32()), h) for n in names]
                 for h in self.hardware]
-        return torch.tensor(rows, dtype=torch.float64, device=ctl.cost.layer_macs.device)
+        return torch.tensor(rows, dtype=torch.float64, device=ctl.cost.product_macs.device).reshape(
+            len(self.hardware), len(names), len(KINDS))
 
     def _fold(self, macs: Tensor) -> None:
-        self._acc.add_((self._factors * (macs - self._base)).sum(dim=1))
+        self._acc.add_((self._factors * (macs - self._base)).sum(dim=(1, 2)))
         self._base.copy_(macs)
 
     def _changed(self, ctl: Controller, new: dict[str, Precision], **_: Any) -> None:
         # MACs since the last change ran at the old precisions; charge them, then switch rates.
-        self._fold(ctl.cost.layer_macs)
+        self._fold(ctl.cost.product_macs)
         self._factors = self._rates(ctl, new)
 
     def seconds(self) -> dict[str, float]:
         """Modelled seconds of the run so far on each hardware (``other_fraction`` included)."""
         if self._acc is None:
             raise RuntimeError("TrainingTimeModel is not attached to a controller")
-        macs = self.ctl.cost.layer_macs if self.ctl is not None else self._base
-        now = self._acc + (self._factors * (macs - self._base)).sum(dim=1)
+        macs = self.ctl.cost.product_macs if self.ctl is not None else self._base
+        now = self._acc + (self._factors * (macs - self._base)).sum(dim=(1, 2))
         other = self._fp32_seconds(macs) * self.other_fraction
         return dict(zip(self.keys, (now + other).tolist()))
 
@@ -228,7 +246,7 @@ class TrainingTimeModel(Observer):
         return macs.sum() * self._fp32 / (1.0 - self.other_fraction)
 
     def fp32_seconds(self) -> dict[str, float]:
-        macs = self.ctl.cost.layer_macs if self.ctl is not None else self._base
+        macs = self.ctl.cost.product_macs if self.ctl is not None else self._base
         return dict(zip(self.keys, self._fp32_seconds(macs).tolist()))
 
     def report(self) -> dict[str, Any]:
@@ -242,7 +260,7 @@ class TrainingTimeModel(Observer):
     def detach(self) -> None:
         # Keep reading the final MAC counts after the controller is left (report() stays valid).
         if self.ctl is not None and self._base is not None:
-            self._fold(self.ctl.cost.layer_macs)
+            self._fold(self.ctl.cost.product_macs)
         super().detach()
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,11 +277,17 @@ class TrainingTimeModel(Observer):
             return
         if list(d["hardware"]) != self.keys:
             raise ValueError(f"time-model state is for hardware {d['hardware']}, this one models {self.keys}")
-        if d["base"].shape != self._base.shape:
+        base, factors = d["base"], d["factors"]
+        if base.shape[0] != self._base.shape[0]:
             raise ValueError("time-model state is for a different number of layers")
         self._acc.copy_(d["acc"])
-        self._base.copy_(d["base"])
-        self._factors = d["factors"].to(self._base.device).clone()
+        if base.dim() == 1:  # saved before products were counted: three equal products per forward MAC
+            self._base.zero_()
+            for i in (0, 4, 8):
+                self._base[:, i] = base
+            return  # the rates in force are recomputed from the controller's current precisions
+        self._base.copy_(base)
+        self._factors = factors.to(self._base.device).clone()
 
 
 def attach_time_model(ctl: Controller, **kwargs: Any) -> TrainingTimeModel:

@@ -41,7 +41,8 @@ def test_train_console_script_prints_the_report(trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for needle in ("task digits", "policy CPT(", "accuracy", "GBitOPs", "savings vs FP32",
-                   "savings vs static int8/int8", "TensorBoard logs", "cpt_bounds"):
+                   "savings vs static int8/int8", "same constraints", "savings vs ideal int8/int8",
+                   "not a run", "TensorBoard logs", "cpt_bounds"):
         assert needle in out, needle
     acc = float(out.split("accuracy", 1)[1].split()[0])
     assert 0.0 <= acc <= 1.0
@@ -72,7 +73,9 @@ def test_report_writes_png_for_one_and_several_runs(trained, tmp_path, capsys):
     assert main(["report", str(run_dir), "-o", str(out)]) == 0
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
-    assert "val_acc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "val_acc" in printed
+    assert "vs static reference (same constraints)" in printed and "vs ideal reference formula" in printed
     # A second, tiny run logged by the library itself; then compare both (accuracy vs GBitOPs).
     other = run_dir.parent / "fixed-run"
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))

@@ -150,32 +150,57 @@ def _one_step_cost(model: nn.Module, inputs: tuple, prec: Precision, **kw) -> ad
     return ctl.report()
 
 
-@pytest.mark.parametrize(
-    ("model", "inputs", "macs"),
-    [
-        (nn.Linear(6, 4), (torch.randn(5, 6),), 5 * 4 * 6),
-        # 2 images x 8 channels x 6x6 outputs, each 3 input channels x 3x3 taps.
-        (nn.Conv2d(3, 8, 3, padding=1), (torch.randn(2, 3, 6, 6),), 2 * 8 * 36 * 3 * 9),
-        # grouped and strided: 8 x 3x3 outputs, each reading 4/2 channels x 3x3.
-        (nn.Conv2d(4, 8, 3, stride=2, groups=2), (torch.randn(1, 4, 7, 7),), 8 * 9 * 2 * 9),
-        (nn.Conv1d(2, 3, 4), (torch.randn(2, 2, 10),), 2 * 3 * 7 * 2 * 4),
-        # 2-layer LSTM, 7 x 3 tokens: layer 0 4H(I + H) = 20 * 9, layer 1 4H(H + H) = 20 * 10.
-        (nn.LSTM(4, 5, num_layers=2), (torch.randn(7, 3, 4),), 21 * (20 * 9 + 20 * 10)),
-        # GRU 3 gates, bidirectional: both directions read every token.
-        (nn.GRU(4, 5, bidirectional=True), (torch.randn(6, 2, 4),), 12 * 2 * (15 * 4 + 15 * 5)),
-        # cross-attention: q/k/v/out projections of 6 query and 10 key/value tokens, E = 8.
-        (nn.MultiheadAttention(8, 2, batch_first=True),
-         (torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)), (6 + 10 + 10 + 6) * 64),
-    ],
-    ids=["linear", "conv2d", "conv2d-grouped", "conv1d", "lstm", "gru-bi", "mha-cross"],
-)
-def test_bitops_from_hand_computed_macs(model: nn.Module, inputs: tuple, macs: int) -> None:
+# Per layer: the forward MACs, and the MACs of the two backward products when the input requires grad
+# (and when it does not: a first layer fed with data has no input gradient to compute).
+_MACS_CASES = [
+    (nn.Linear(6, 4), (torch.randn(5, 6),), 5 * 4 * 6, None),
+    # 2 images x 8 channels x 6x6 outputs, each 3 input channels x 3x3 taps.
+    (nn.Conv2d(3, 8, 3, padding=1), (torch.randn(2, 3, 6, 6),), 2 * 8 * 36 * 3 * 9, None),
+    # grouped and strided: 8 x 3x3 outputs, each reading 4/2 channels x 3x3.
+    (nn.Conv2d(4, 8, 3, stride=2, groups=2), (torch.randn(1, 4, 7, 7),), 8 * 9 * 2 * 9, None),
+    (nn.Conv1d(2, 3, 4), (torch.randn(2, 2, 10),), 2 * 3 * 7 * 2 * 4, None),
+    # 2-layer LSTM, 7 x 3 tokens: layer 0 4H(I + H) = 20 * 9, layer 1 4H(H + H) = 20 * 10. The input
+    # gradient of the recurrent product skips each direction's first step (its h_0 needs no gradient):
+    # 18 of the 21 tokens; the second layer's input gradient always runs.
+    (nn.LSTM(4, 5, num_layers=2), (torch.randn(7, 3, 4),), 21 * (20 * 9 + 20 * 10),
+     (21 * 80, 18 * 100 + 21 * 100 + 18 * 100)),
+    # GRU 3 gates, bidirectional: both directions read every token, each skipping its first step.
+    (nn.GRU(4, 5, bidirectional=True), (torch.randn(6, 2, 4),), 12 * 2 * (15 * 4 + 15 * 5),
+     (2 * 12 * 60, 2 * 10 * 75)),
+]
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "data-input"])
+@pytest.mark.parametrize(("model", "inputs", "macs", "backward"), _MACS_CASES,
+                         ids=["linear", "conv2d", "conv2d-grouped", "conv1d", "lstm", "gru-bi"])
+def test_bitops_from_hand_computed_macs(model, inputs, macs, backward, input_grad: bool) -> None:
+    inputs = tuple(t.clone().requires_grad_(input_grad) for t in inputs)
     r = _one_step_cost(model, inputs, Precision.cpt(4, 8))
     assert r["gmacs"] * 1e9 == pytest.approx(macs)
-    # docs/methods.md#bitops: M * (b_fw^2 + 2 b_fw b_bw) = M * (16 + 64)
-    assert r["gbitops"] * 1e9 == pytest.approx(macs * 80)
-    assert r["gbitops_fp32"] * 1e9 == pytest.approx(macs * 3 * 32 * 32)
-    assert r["savings_vs_reference"] == pytest.approx(1 - 80 / 192)
+    # docs/methods.md#bitops: forward W x A at 4 x 4 bits, the backward products at 8 x 4 bits; the
+    # input gradient only when the input requires grad.
+    x_part, rest = backward or (macs, 0)
+    input_grad_macs = rest + (x_part if input_grad else 0)
+    assert r["gbitops"] * 1e9 == pytest.approx(16 * macs + 32 * input_grad_macs + 32 * macs)
+    assert r["gbitops_fp32"] * 1e9 == pytest.approx(1024 * (2 * macs + input_grad_macs))
+    if backward is None and input_grad:  # all three products: M * (b_fw^2 + 2 b_fw b_bw) = M * 80
+        assert r["gbitops"] * 1e9 == pytest.approx(macs * 80)
+        assert r["savings_vs_reference"] == pytest.approx(1 - 80 / 192)
+
+
+def test_attention_bills_its_fp32_operands_at_32_bits() -> None:
+    # Cross-attention, E = 8: q/k/v projections of 6 query and 10 key/value tokens, out-projection of 6.
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    q, kv = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    r = _one_step_cost(mha, (q, kv, kv), Precision.cpt(4, 8))
+    proj, out = (6 + 10 + 10) * 64, 6 * 64
+    assert r["gmacs"] * 1e9 == pytest.approx(proj + out)
+    # The attention output (the out-projection's input) and the errors at the projections' outputs are
+    # FP32: forward q x q and q x fp32; input gradient fp32 x q (projections) and q x q (out-projection);
+    # weight gradient fp32 x q (projections) and q x fp32 (out-projection).
+    want = proj * 4 * 4 + out * 4 * 32 + proj * 32 * 4 + out * 8 * 4 + proj * 32 * 4 + out * 8 * 32
+    assert r["gbitops"] * 1e9 == pytest.approx(want)
+    assert r["gbitops_fp32"] * 1e9 == pytest.approx(3 * 1024 * (proj + out))
 
 
 def test_bitops_mixed_layers_and_fp32_layers() -> None:
@@ -183,7 +208,8 @@ def test_bitops_mixed_layers_and_fp32_layers() -> None:
     r = _one_step_cost(model, (torch.randn(3, 6),), Precision.cpt(3, 8),
                        constraints=[Pin("last", Precision.fp32())])
     m0, m1 = 3 * 4 * 6, 3 * 2 * 4
-    assert r["per_layer_gbitops"]["0"] * 1e9 == pytest.approx(m0 * (9 + 2 * 3 * 8))
+    # Layer 0 reads the data: no input gradient, so its forward (3 x 3) and weight gradient (8 x 3).
+    assert r["per_layer_gbitops"]["0"] * 1e9 == pytest.approx(m0 * (9 + 3 * 8))
     assert r["per_layer_gbitops"]["1"] * 1e9 == pytest.approx(m1 * 3 * 32 * 32)
     assert bitops_factor(Precision.cpt(3, 8)) == 57.0
     # CPT's check value (docs/methods.md#bitops): relative cost 3/8 vs 8/8.
@@ -196,6 +222,7 @@ def test_cost_accumulates_over_steps_and_precision_changes(tiny_cnn: nn.Module) 
         for _ in range(3):
             tiny_cnn(torch.randn(2, 1, 8, 8)).sum().backward()
             ctl.step()
-    m = 2 * 4 * 36 * 9 + 2 * 3 * 144  # conv + linear per forward of batch 2
-    want = m * (2 * bitops_factor(Precision.cpt(4, 8)) + bitops_factor(Precision.cpt(6, 8)))
+    conv, lin = 2 * 4 * 36 * 9, 2 * 3 * 144  # per forward of batch 2
+    # The conv reads the data (no input gradient): its forward and weight gradient only.
+    want = sum(conv * (b * b + 8 * b) + lin * bitops_factor(Precision.cpt(b, 8)) for b in (4, 4, 6))
     assert ctl.report()["gbitops"] * 1e9 == pytest.approx(want)

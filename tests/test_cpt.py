@@ -31,17 +31,20 @@ def _one_thread():
 
 
 def _drive(policy, total: int, steps: int | None = None, reference: Precision | None = None,
-           **kw) -> adaprec.Controller:
-    """Run ``steps`` (default ``total``) training forwards of a tiny model under ``policy``."""
+           backward: bool = False, **kw) -> adaprec.Controller:
+    """Run ``steps`` (default ``total``) training forwards of a tiny model under ``policy``; with
+    ``backward``, each with its backward (an input that requires grad: all three products run)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    x = torch.randn(1, 4)
+    x = torch.randn(1, 4, requires_grad=backward)
     # A one-layer model's only layer is its classifier: switch the classifier floor off so that it
     # follows the policy.
     kw.setdefault("classifier_floor", False)
     ctl = adaprec.Controller(model, policy=policy, total_steps=total, reference=reference, **kw)
-    with ctl, torch.no_grad():  # train-mode forwards count MACs; no backward needed for the cost
+    with ctl, torch.set_grad_enabled(backward):  # without autograd a forward bills its product only
         for _ in range(total if steps is None else steps):
-            model(x)
+            y = model(x)
+            if backward:
+                y.sum().backward()
             ctl.step()
     return ctl
 
@@ -126,10 +129,10 @@ def test_bitops_savings_from_cost_meter(lo, hi, g, expected):
     # The savings depend only on the period P: one cycle of P = 2000 has the shares of the paper's
     # 64,000 iterations in 32 cycles.
     ref = Precision.cpt(hi, g)
-    cpt = _drive(CPT(bits=(lo, hi), grad_bits=g, cycles=1), total=2000, reference=ref).report()
+    cpt = _drive(CPT(bits=(lo, hi), grad_bits=g, cycles=1), total=2000, reference=ref, backward=True).report()
     assert abs(100 * cpt["savings_vs_reference"] - expected) <= 0.02
     # The reference column equals a real static run's BitOPs per step.
-    fixed = _drive(Fixed(bits=hi, grad_bits=g), total=20, reference=ref).report()
+    fixed = _drive(Fixed(bits=hi, grad_bits=g), total=20, reference=ref, backward=True).report()
     assert fixed["gbitops"] == pytest.approx(fixed["gbitops_reference"])
     per_step_fixed = fixed["gbitops"] / 20
     assert abs(100 * (1 - cpt["gbitops"] / (2000 * per_step_fixed)) - expected) <= 0.02

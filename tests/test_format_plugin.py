@@ -151,9 +151,13 @@ def test_guard_raises_the_plugin_format_on_divergence():
 def test_cost_meter_bills_the_plugin_bits():
     ctl, _ = _run(Fixed(bits="log4", grad_bits=8), steps=2, classifier_floor=False)
     r = ctl.report()
-    macs = r["gmacs"] * 1e9
-    assert r["gbitops"] * 1e9 == pytest.approx(macs * (4 * 4 + 2 * 8 * 4))
-    assert r["savings_vs_fp32"] == pytest.approx(1 - (16 + 64) / 3072)
+    m0, m1 = 2 * 8 * 16 * 32, 2 * 8 * 32 * 10  # two steps of batch 8
+    assert r["gmacs"] * 1e9 == pytest.approx(m0 + m1)
+    per = r["per_layer_gbitops"]
+    # The first layer reads the data (no input gradient): its forward 4 x 4 and weight gradient 8 x 4.
+    assert per["0"] * 1e9 == pytest.approx(m0 * (4 * 4 + 8 * 4))
+    assert per["2"] * 1e9 == pytest.approx(m1 * (4 * 4 + 2 * 8 * 4))
+    assert r["savings_vs_fp32"] == pytest.approx(1 - (m0 * 48 + m1 * 80) / (1024 * (2 * m0 + 3 * m1)))
 
 
 def test_weight_storage_keeps_weights_on_the_plugin_grid():

@@ -115,6 +115,9 @@ def test_loss_cost_lr_signals_and_hparams(run):
     assert s["cost/gbitops"][-1][1] == pytest.approx(report["gbitops"], rel=1e-6)
     assert s["cost/savings_vs_fp32"][-1][1] == pytest.approx(report["savings_vs_fp32"], rel=1e-6)
     assert s["cost/savings_vs_reference"][-1][1] == pytest.approx(report["savings_vs_reference"], rel=1e-5)
+    assert s["cost/savings_vs_reference_ideal"][-1][1] == pytest.approx(report["savings_vs_reference_ideal"],
+                                                                         rel=1e-5, abs=1e-9)
+    assert not any(t.startswith("report/savings") for t in s)  # the cost/... tags carry all three
     assert all(v == pytest.approx(0.1) for _, v in s["lr/group0"])
     assert [st for st, _ in s["policy/phase"]] == [6, 9, 13] and s["policy/level"][-1][1] == 14.0
     assert s["stats/val_acc"] == [(6, 0.5), (13, pytest.approx(0.6))]

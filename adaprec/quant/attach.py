@@ -38,9 +38,10 @@ layers during the backward pass (both ``use_reentrant=True`` and ``False``). A f
 autograd is executing a backward is that recompute — the same test ``torch.utils.checkpoint`` itself
 makes (``torch._C._current_graph_task_id() != -1``). It quantizes exactly as the first forward did (for
 stochastic forward rounding the site replays the rounding generator's state saved at that forward, in
-call order; torch's checkpoint restores only torch's own generators) but
-neither counts its multiply-accumulates again nor folds the batch range into the activation range a
-second time.
+call order; torch's checkpoint restores only torch's own generators) but neither bills its forward
+product again nor folds the batch range into the activation range a second time. (A reentrant
+checkpoint runs the first forward without autograd: that forward bills its forward product only, and
+the recompute bills the backward products; see ``LayerSite.count``.)
 
 Example:
     >>> import copy, torch
@@ -120,15 +121,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if site.native[training]:  # this call's forward quantizes by itself (hardware routes)
         return None
     r = site.roles(training)
-    gen = resume = None
-    if training and site.sr_forward and not torch.compiler.is_compiling():
-        gen = site.generator()
-        if gen is not None:
-            if not site.recomputing:
-                site.replay.append(gen.get_state())
-            elif site.replay:  # replay the noise of the forward this recompute repeats
-                resume = gen.get_state()
-                gen.set_state(site.replay.popleft())
+    token = site.begin_rounding(training) if site.sr_forward else None
     out = None
     if r.activation.active:
         # Activations before weights: stochastic rounding draws in the order the hardware routes use.
@@ -136,8 +129,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if r.weight.active:
         dim = site.kind.channel_dim
         site.w = {spec.key: r.weight(spec.raw(), channel_dim=dim) for spec in site.weights}
-    if resume is not None:
-        gen.set_state(resume)
+    site.end_rounding(token)
     return out
 
 
@@ -198,8 +190,9 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
         return None
     training = module.training
     kind = site.kind
-    if training and not site.recomputing:
-        site.count(kind.macs(module, _inputs(kind, args, kwargs), output))
+    if training:  # the site bills the products that run (a recompute: its backward's only)
+        inputs = _inputs(kind, args, kwargs)
+        site.count(kind.macs(module, inputs, output), inputs)
     if site.native[training]:
         return None
     g = site.roles(training).gradient

@@ -561,7 +561,7 @@ class HardwareBackend(SimulatedBackend):
         # Only layers that run torch's own Linear/conv forward get routes; any other forward (a
         # subclass's, another library's instance forward) is simulated around it by the hooks.
         if not _stock_forward(module):
-            return None
+            return super()._forward_for(module, site)  # LSTM/GRU/RNN: the layer table's quantized forward
         site.backend = _HwLayer(site, module, self._strict)
         return _hw_forward
 

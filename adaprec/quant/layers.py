@@ -21,6 +21,10 @@ ones added with :func:`register_layer`:
   as above): block-scaled formats block along it. ``-1`` (features last) for Linear-like layers, ``1``
   for convolutions (channels).
 
+A layer whose products are not all visible from outside — an LSTM's hidden-to-hidden product runs inside
+torch's kernel — has a ``forward`` of its own in its entry (:mod:`adaprec.quant.rnn`): it quantizes
+every product itself and is used for layers that compute with their type's own ``forward``.
+
 Types are matched along the MRO, most specific entry first, so subclasses of a registered type are
 quantized like it (their own ``forward`` included: see :mod:`adaprec.quant.attach`). Child modules named
 by a dotted weight (``MultiheadAttention.out_proj``) belong to their parent and are never layers of
@@ -46,13 +50,14 @@ import inspect
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from math import prod
 from typing import Any
 
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+
+from .rnn import rnn_forward, rnn_macs, rnn_weights
 
 __all__ = ["LayerKind", "register_layer", "unregister_layer", "layer_kind", "quantizable_types",
            "find_layers", "QUANTIZABLE", "LayerFilter"]
@@ -80,6 +85,16 @@ class LayerKind:
     channel_dim: int = 0
     axis: int = -1
     input_names: tuple[str, ...] = ()
+    #: a class-level forward that quantizes the layer's inner products itself (the site's ``native``
+    #: calls), for layers computing with ``type.forward``; ``None``: the hooks quantize around it
+    forward: Callable[..., Any] | None = None
+
+    def own_forward(self, module: nn.Module) -> Callable[..., Any] | None:
+        """:attr:`forward`, if ``module`` computes with its type's own forward (no override in a subclass,
+        no instance forward set by another library); else ``None``."""
+        if self.forward is None or "forward" in module.__dict__:
+            return None
+        return self.forward if type(module).forward is self.type.forward else None
 
     def weight_names(self, module: nn.Module) -> list[str]:
         names = self.weights(module) if callable(self.weights) else self.weights
@@ -167,21 +182,8 @@ def quantizable_types() -> tuple[type[nn.Module], ...]:
 
 # --- torch's layers --------------------------------------------------------------------------------
 
-def _tokens(x: Any, width: int) -> int:
-    return x.data.shape[0] if isinstance(x, PackedSequence) else x.numel() // width
-
-
 def _first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple | list) else out
-
-
-def _rnn_weights(m: nn.RNNBase) -> list[str]:
-    return [n for n in m._flat_weights_names if n.startswith("weight")]
-
-
-def _rnn_macs(m: nn.RNNBase, inputs: tuple[Any, ...], out: Any) -> int:
-    per_token = sum(getattr(m, n).numel() for n in _rnn_weights(m))
-    return _tokens(inputs[0], m.input_size) * per_token
 
 
 def _mha_weights(m: nn.MultiheadAttention) -> list[str]:
@@ -189,11 +191,31 @@ def _mha_weights(m: nn.MultiheadAttention) -> list[str]:
     return qkv + ["out_proj.weight"]
 
 
-def _mha_macs(m: nn.MultiheadAttention, inputs: tuple[Any, ...], out: Any) -> int:
-    # Each projection costs (its input's elements) x embed_dim MACs; the out-projection reads one
-    # embed_dim vector per query token. Keys and values may have their own length (cross-attention).
+def _mha_macs(m: nn.MultiheadAttention, inputs: tuple[Any, ...], out: Any) -> dict[Any, int]:
+    """Each projection costs (its input's elements) x embed_dim MACs; the out-projection reads one
+    embed_dim vector per query token (keys and values may have their own length and width).
+
+    The attention products in between are not quantized, so two operands stay FP32 and are billed so
+    (docs/methods.md#bitops): the attention output that the out-projection multiplies (forward and
+    weight gradient), and the errors at the q/k/v projections' outputs, which arrive from the attention
+    products (their input and weight gradients)."""
     q, k, v = inputs
-    return (2 * q.numel() + k.numel() + v.numel()) * m.embed_dim
+    e = m.embed_dim
+    proj = (q.numel() + k.numel() + v.numel()) * e
+    o = q.numel() * e
+    if m._qkv_same_embed_dim:
+        w_rg = [m.in_proj_weight.requires_grad] * 3
+    else:
+        w_rg = [m.q_proj_weight.requires_grad, m.k_proj_weight.requires_grad, m.v_proj_weight.requires_grad]
+    x_rg = [t.requires_grad for t in (q, k, v)]
+    b = m.in_proj_bias
+    flows = any(w_rg) or any(x_rg) or (b is not None and b.requires_grad)  # grad reaches the attention
+    sizes = [t.numel() * e for t in (q, k, v)]
+    return {"forward": proj, ("forward", True, False): o,
+            ("input_grad", False, True): sum(n for n, r in zip(sizes, x_rg) if r),
+            "input_grad": o if flows else 0,
+            ("weight_grad", False, True): sum(n for n, r in zip(sizes, w_rg) if r),
+            ("weight_grad", True, False): o if m.out_proj.weight.requires_grad else 0}
 
 
 register_layer(nn.Linear, weights=["weight"], macs=lambda m, i, out: out.numel() * m.in_features)
@@ -201,7 +223,7 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, weights=["weight"], axis=1,
                    macs=lambda m, i, out: out.numel() * (m.in_channels // m.groups) * prod(m.kernel_size))
 for _rnn in (nn.LSTM, nn.GRU, nn.RNN):
-    register_layer(_rnn, weights=_rnn_weights, macs=_rnn_macs)
+    _TABLE[_rnn] = replace(register_layer(_rnn, weights=rnn_weights, macs=rnn_macs), forward=rnn_forward)
 register_layer(nn.MultiheadAttention, weights=_mha_weights, macs=_mha_macs, inputs=3)
 
 #: torch's layer types that adaprec quantizes out of the box.

@@ -9,10 +9,11 @@ and :meth:`SimulatedBackend.detach` leaves the layers exactly as they were.
 
 Which layer types, and what counts as their weights and inputs, comes from the layer table
 (:mod:`adaprec.quant.layers`; :func:`~adaprec.quant.layers.register_layer` adds types). Out of the
-box: ``Conv1d/2d/3d``, ``Linear``, ``LSTM``/``GRU``/``RNN`` (all weight matrices; the input sequence
-and the output sequence's gradient) and ``MultiheadAttention`` (in-projection and out-projection
-weights; query/key/value inputs; the attention output's gradient — the attention products themselves
-are not quantized), and Hugging Face's ``Conv1D`` once ``transformers`` is imported.
+box: ``Conv1d/2d/3d``, ``Linear``, ``LSTM``/``GRU``/``RNN`` (all weight matrices, every product
+quantized inside the recurrence: :mod:`adaprec.quant.rnn`) and ``MultiheadAttention`` (in-projection
+and out-projection weights; query/key/value inputs; the attention output's gradient — the attention
+products themselves are not quantized, and the operands they produce are billed at 32 bits), and
+Hugging Face's ``Conv1D`` once ``transformers`` is imported.
 
 Example:
     >>> import torch
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cost import KINDS
 from ..formats import Precision
 from .attach import Attachment, attach, is_attached
 from .layers import QUANTIZABLE, LayerFilter, find_layers, layer_kind
@@ -46,8 +48,9 @@ __all__ = ["QUANTIZABLE", "find_layers", "SimulatedBackend", "LayerFilter"]
 class SimulatedBackend:
     """Attach sites to layers, apply per-layer precisions, detach without a trace.
 
-    ``macs`` is one float64 tensor with a slot per layer; every training forward adds its
-    multiply-accumulates to its slot in place (shapes are known on the host, so this never syncs and
+    ``macs`` is one float64 tensor with a row per layer over the product kinds
+    (:data:`adaprec.cost.KINDS`); every training call adds the multiply-accumulates of its products to
+    its row in place (shapes are known on the host, so this never syncs and
     never recompiles a compiled model). The cost meter reads and clears it once per step.
 
     Example:
@@ -70,8 +73,14 @@ class SimulatedBackend:
 
     def _forward_for(self, module: nn.Module, site: LayerSite) -> Callable[..., Any] | None:
         """A class-level forward for this layer's dynamic subclass (``None``: the layer's own); a
-        backend that computes some layers itself sets ``site.backend`` here."""
-        return None
+        backend that computes some layers itself sets ``site.backend`` here.
+
+        Here: the layer table's own quantizing forward (LSTM/GRU/RNN, :mod:`adaprec.quant.rnn`), whose
+        calls quantize by themselves (``site.native``)."""
+        fwd = site.kind.own_forward(module)
+        if fwd is not None:
+            site.native = [True, True]
+        return fwd
 
     def attach(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
         taken = [n for n, m in layers if is_attached(m)]
@@ -79,7 +88,7 @@ class SimulatedBackend:
             raise RuntimeError(f"layers {taken} are already quantized by another active adaprec "
                                "Controller; leave that one first")
         device = next(model.parameters()).device
-        self.macs = torch.zeros(len(layers), dtype=torch.float64, device=device)
+        self.macs = torch.zeros(len(layers), len(KINDS), dtype=torch.float64, device=device)
         try:
             for i, (name, module) in enumerate(layers):
                 kind = layer_kind(module)
@@ -107,10 +116,10 @@ class SimulatedBackend:
             site.set_rng(key)
 
     def end_iteration(self) -> None:
-        """An iteration completed: its forwards will not be recomputed any more (checkpoint replay)."""
+        """An iteration completed (called after the cost meter read the counters): its forwards will not
+        be recomputed any more."""
         for site in self.sites.values():
-            if site.replay:
-                site.replay.clear()
+            site.end_iteration()
 
     def detach(self) -> None:
         for att in reversed(self._attached):

@@ -9,11 +9,14 @@ model, so ``model.state_dict()`` keeps its keys (DESIGN.md contract 2).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
+from ..cost import KINDS, macs_vector
 from ..formats import FP32, Format, Precision, rounding, run_kernel
 
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
@@ -153,6 +156,12 @@ class Quantizer:
             return y.movedim(0, channel_dim)
         return ste(x, self.kernel, self.spec, self.p, None, None, self.axis, self.rng)
 
+    def own(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` (STE) by the format's own rule on ``x`` alone: a min-max grid takes
+        ``x``'s own range, never the running range of the layer's input (a recurrent layer's hidden
+        state, the input of its second layer)."""
+        return ste(x, self.kernel, self.spec, self.p, None, None, self.axis, self.rng)
+
     def grad(self, y: Tensor) -> Tensor:
         """Mark ``y`` so that the gradient flowing back into it is quantized."""
         if not y.requires_grad:
@@ -210,8 +219,9 @@ class _Roles:
 class LayerSite:
     """The quantization state of one layer: training and evaluation roles, and a MAC counter.
 
-    ``macs`` (a 0-d float64 tensor, usually a slot of the backend's counter) accumulates the
-    multiply-accumulates of the forward products of training forwards until the cost meter reads it.
+    ``macs`` (a float64 row over the product kinds of :data:`adaprec.cost.KINDS`, usually a row of the
+    backend's counter) accumulates the multiply-accumulates of the products of training calls until the
+    cost meter reads it (:meth:`count`).
     ``kind`` is the layer's :class:`~adaprec.quant.layers.LayerKind` (looked up when not given). While
     the layer's forward runs (between the hooks of :mod:`adaprec.quant.attach`), ``w`` holds the
     quantized weights of that call by name; ``native[training]`` is set by a backend whose own forward
@@ -242,7 +252,10 @@ class LayerSite:
         self.train = _Roles(device, track_range=True, axis=axis)
         self.eval = _Roles(device, track_range=False, axis=axis)
         self._share_range()
-        self.macs = torch.zeros((), dtype=torch.float64, device=device) if macs is None else macs
+        self.macs = torch.zeros(len(KINDS), dtype=torch.float64, device=device) if macs is None else macs
+        self._rows: dict[tuple[float, ...], Tensor] = {}  # MAC rows already on the device, by value
+        self.deferred = 0  # training forwards without autograd whose backward a checkpoint recompute runs
+        self.call_macs: Any = None  # a forward that counts its own products leaves them here (RNNs)
         self.w: dict[str, Tensor] | None = None
         self.recomputing = False
         self.native = [False, False]  # indexed by ``training``
@@ -269,6 +282,30 @@ class LayerSite:
         self.eval.set(train if eval is None else eval)
         self.sr_forward = any(q.active and q.stochastic for q in (self.train.weight, self.train.activation))
 
+    def begin_rounding(self, training: bool) -> tuple[torch.Generator, Tensor] | None:
+        """Before one forward quantizes: save the rounding generator's state (a first forward with
+        stochastic forward rounding) or set it to the state saved at the forward this checkpoint
+        recompute repeats. Returns what :meth:`end_rounding` needs to go back, or ``None``."""
+        if not (training and self.sr_forward) or torch.compiler.is_compiling():
+            return None
+        gen = self.generator()
+        if gen is None:
+            return None
+        if not self.recomputing:
+            self.replay.append(gen.get_state())
+            return None
+        if not self.replay:
+            return None
+        resume = gen.get_state()
+        gen.set_state(self.replay.popleft())
+        return gen, resume
+
+    @staticmethod
+    def end_rounding(token: tuple[torch.Generator, Tensor] | None) -> None:
+        """After a recompute's quantization: the generator continues where the run is."""
+        if token is not None:
+            token[0].set_state(token[1])
+
     def generator(self) -> torch.Generator | None:
         """The controller's rounding generator on this layer's device (``None``: torch's own, which
         ``torch.utils.checkpoint`` already restores for a recompute)."""
@@ -280,14 +317,58 @@ class LayerSite:
             for q in (roles.weight, roles.activation, roles.gradient):
                 q.rng = key
 
-    def count(self, macs: int) -> None:
-        """Add one training forward's multiply-accumulates (an in-place add: no sync, no guard)."""
-        self.macs.add_(macs)
+    def count(self, macs: int | Mapping, inputs: tuple = ()) -> None:
+        """Bill one training call's products (docs/methods.md#bitops; an in-place add: no sync).
+
+        ``macs`` is what the layer table's ``macs`` returned: an int (the forward's MACs; the input
+        gradient is billed as the same size when an activation input in ``inputs`` requires grad, the
+        weight gradient when a quantized weight does) or a mapping ``{product kind: MACs}``
+        (:func:`adaprec.cost.kind_index`) in which the layer says itself which products its backward
+        runs. Backward products are billed with the forward when autograd records it. A training forward
+        without autograd (the first forward of a reentrant activation checkpoint) bills its forward only,
+        and the recompute in the backward bills the backward products; a recompute never bills its
+        forward again.
+        """
+        if isinstance(macs, Mapping):
+            row = macs_vector(macs)
+        else:
+            m = float(macs)
+            row = [0.0] * len(KINDS)
+            row[0] = m
+            if any(_requires_grad(x) for x in inputs):
+                row[4] = m
+            if any(spec.raw().requires_grad for spec in self.weights):
+                row[8] = m
+        if self.recomputing:
+            if not self.deferred:
+                return
+            self.deferred -= 1
+            row[:4] = (0.0,) * 4
+        elif not torch.is_grad_enabled():
+            self.deferred += 1
+            row[4:] = (0.0,) * (len(KINDS) - 4)
+        if torch.compiler.is_compiling():  # a constant of the traced program (a cache would add guards)
+            self.macs.add_(torch.tensor(row, dtype=torch.float64, device=self.macs.device))
+            return
+        key = tuple(row)
+        vec = self._rows.get(key)
+        if vec is None:
+            if len(self._rows) > 64:  # varying shapes (packed sequences): keep the cache small
+                self._rows.clear()
+            vec = self._rows[key] = torch.tensor(row, dtype=torch.float64, device=self.macs.device)
+        self.macs.add_(vec)
+
+    def end_iteration(self) -> None:
+        """Forget what a checkpoint recompute of this iteration would have needed: forwards without
+        autograd that no recompute claimed, and the saved rounding-generator states."""
+        self.deferred = 0
+        if self.replay:
+            self.replay.clear()
 
     def follow(self, module: torch.nn.Module) -> None:
         """Keep the state on the device of ``module``'s parameters (after ``.to()``/``.cuda()``).
 
-        The MAC counter stays where it is: it only ever adds host integers.
+        The MAC counter stays where it is (the cost meter reads it there).
         """
         p = next(module.parameters(), None)
         if p is None or p.device == self.device:
@@ -297,6 +378,7 @@ class LayerSite:
             roles.gradient.to(p.device)
             roles.activation.to(p.device, with_range=roles is self.train)
         self._share_range()
+        self._rows.clear()
         self.device = p.device
 
     def state(self) -> dict[str, Tensor]:
@@ -304,3 +386,9 @@ class LayerSite:
 
     def load_state(self, d: dict[str, Tensor]) -> None:
         self.train.activation.load_state(d)
+
+
+def _requires_grad(x: Any) -> bool:
+    if isinstance(x, PackedSequence):
+        x = x.data
+    return isinstance(x, Tensor) and x.requires_grad
