@@ -20,6 +20,8 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is not installed (adaprec[lightning])")
 
+from _policies import EpochStepBits  # noqa: E402
+
 import adaprec  # noqa: E402
 from adaprec.decision import Decision  # noqa: E402
 from adaprec.events import Event  # noqa: E402
@@ -161,9 +163,8 @@ def test_nan_at_step_5_under_lightnings_closure_is_skipped(tmp_path: Path, caplo
 
 
 def test_resume_from_a_lightning_checkpoint_is_bitwise_equal(tmp_path: Path) -> None:
-    # CPT's errors round stochastically: an exact resume needs the controller's rounding generator too.
-    def callback() -> AdaprecCallback:
-        return AdaprecCallback(policy=CPT(bits=(3, 8), cycles=3))
+    def callback() -> AdaprecCallback:  # decisions from the steps, the epoch ends and the rounding RNG
+        return AdaprecCallback(policy=EpochStepBits())
 
     ckpt_dir = tmp_path / "ckpt"
     # Saved in on_train_batch_end after each epoch's last step, before on_train_epoch_end runs.
