@@ -41,3 +41,14 @@ class EpochStepBits(Policy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ended = int(state["ended"])
+
+
+class LossBits(Policy):
+    """Bits picked from the latest observed training loss: a decision that depends on a rank-local value."""
+
+    name = "loss-bits"
+
+    def decide(self, ctl: Any) -> Decision:
+        loss = ctl.stats.get("loss")
+        bits = 6 if loss is None else 3 + int(float(loss) * 1e4) % 5
+        return Decision.uniform(Precision.cpt(bits, 8))

@@ -17,42 +17,27 @@ Nothing can hang CI: the process group has a 60 s timeout and the parent kills b
 
 from __future__ import annotations
 
-import datetime
 import math
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _distributed import init, spawn
+from _policies import LossBits
 from torch import nn
 
 import adaprec
-from adaprec.decision import Decision
-from adaprec.formats import Precision
 from adaprec.observers.diversity import GradientDiversity
-from adaprec.policies import MuPPET, Policy
+from adaprec.policies import MuPPET
 
 WORLD = 2
 EPOCHS, BATCHES, LOCAL_BATCH = 6, 3, 8
 DEADLINE_S = 150
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-class LossBits(Policy):
-    """Bits picked from the latest observed training loss: a decision that depends on a rank-local value."""
-
-    name = "loss-bits"
-
-    def decide(self, ctl: Any) -> Decision:
-        loss = ctl.stats.get("loss")
-        bits = 6 if loss is None else 3 + int(float(loss) * 1e4) % 5
-        return Decision.uniform(Precision.cpt(bits, 8))
 
 
 def _model() -> nn.Module:
@@ -110,9 +95,7 @@ def _run(rank: int, policy: Any, sync_stats: bool = True, observer: bool = False
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init(rank, port, WORLD)
     try:
         muppet = MuPPET(levels=(6, 8, 12, "fp32"), resolution=2, patience=1, alpha=1.0, beta=0.0)
         result = {
@@ -126,27 +109,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(out: Path) -> None:
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=5):  # raises ProcessRaisedException if a rank failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP workers did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-
-
 def _single_process(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[float], float]:
     """The fp32 run in one process on ``batches``: diversity per window and GBitOPs."""
     model = _model()
@@ -158,7 +120,7 @@ def _single_process(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[l
 
 
 def test_ddp_two_processes_agree_and_count_the_global_batch(tmp_path: Path) -> None:
-    _spawn(tmp_path)
+    spawn(_worker, (str(tmp_path),), WORLD, DEADLINE_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     for run in ("muppet", "loss", "fp32"):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is not installed (adaprec[lightning])")
+pl = pytest.importorskip("lightning.pytorch", reason="Lightning is not installed (adaprec[lightning])")
 
 from _policies import EpochStepBits  # noqa: E402
 
@@ -147,7 +147,8 @@ class _EpochSpy(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         cb = next(c for c in trainer.callbacks if isinstance(c, AdaprecCallback))
-        cb.controller.on(Event.EPOCH_COMPLETED, lambda c, epoch, batches, **_: self.out.append((epoch, batches)))
+        cb.controller.on(Event.EPOCH_COMPLETED,
+                         lambda c, epoch, batches, **_: self.out.append((epoch, batches)))
 
 
 def test_nan_at_step_5_under_lightnings_closure_is_skipped(tmp_path: Path, caplog: Any) -> None:

@@ -1,4 +1,4 @@
-"""Issue 14 item 4: ``adaprec.integrations.transformers.AdaprecCallback`` with the real Hugging Face ``Trainer``.
+"""Issue 14 item 4: ``adaprec.integrations.transformers.AdaprecCallback`` with Hugging Face's ``Trainer``.
 
 A tiny GPT-2 built from its config here (no downloads: ``HF_HUB_OFFLINE=1``), on the CPU. Checked: every
 ``Conv1D`` and ``lm_head`` is quantized and computes; the controller's state is saved beside each
@@ -89,4 +89,5 @@ def test_a_missing_controller_state_is_named_before_the_model_is_touched(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"resumes at step 2, but .*checkpoint-2.*resume_from="):
         cb.on_train_begin(args, state, transformers.TrainerControl(), model=model,
                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    assert cb.controller is None and type(model.lm_head) is torch.nn.Linear and not model.lm_head._forward_hooks
+    assert cb.controller is None and type(model.lm_head) is torch.nn.Linear
+    assert not model.lm_head._forward_hooks

@@ -32,7 +32,8 @@ Example:
     >>> class Net(pl.LightningModule):
     ...     def __init__(self):
     ...         super().__init__()
-    ...         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    ...         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+    ...                                        torch.nn.Linear(16, 3))
     ...     def training_step(self, batch, batch_idx):
     ...         x, y = batch
     ...         return F.cross_entropy(self.net(x), y)
@@ -93,9 +94,9 @@ class AdaprecCallback(Callback):
                  log_every_n_steps: int | None = None, observe_loss: bool = True,
                  **controller_options: Any) -> None:
         check_options("AdaprecCallback", policy, {**controller_options, "total_steps": total_steps})
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
-                                              or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"log_every_n_steps must be a positive integer or None, got {log_every_n_steps!r}")
+        n = log_every_n_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"log_every_n_steps must be a positive integer or None, got {n!r}")
         if not isinstance(observe_loss, bool):
             raise TypeError(f"observe_loss must be True or False, got {observe_loss!r}")
         self.policy = policy
@@ -156,9 +157,9 @@ class AdaprecCallback(Callback):
             # Something stepped the optimizer without the controller seeing it (or the other way round):
             # say so once, and follow the trainer so that schedules do not drift.
             self._warned = True
-            warnings.warn(f"AdaprecCallback: the controller counted {ctl.step_count} iterations where the "
-                          f"trainer counted {trainer.global_step} optimizer steps; following the trainer (the "
-                          "cost report misses the difference)", stacklevel=2)
+            warnings.warn(f"AdaprecCallback: the controller counted {ctl.step_count} iterations where "
+                          f"the trainer counted {trainer.global_step} optimizer steps; following the trainer "
+                          "(the cost report misses the difference)", stacklevel=2)
             ctl.step_count = trainer.global_step
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
