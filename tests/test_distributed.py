@@ -25,13 +25,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _distributed import init, spawn
-from _policies import LossBits
 from torch import nn
 
 import adaprec
 from adaprec.observers.diversity import GradientDiversity
 from adaprec.policies import MuPPET
+
+from _distributed import init, spawn
+from _policies import LossBits
 
 WORLD = 2
 EPOCHS, BATCHES, LOCAL_BATCH = 6, 3, 8

@@ -23,12 +23,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _distributed import init, spawn
-from _policies import LossBits
 from torch import nn
 
 import adaprec
 from adaprec.policies import Fixed
+
+from _distributed import init, spawn
+from _policies import LossBits
 
 WORLD = 2
 EPOCHS, SAVE_AT, BATCHES, LOCAL_BATCH = 4, 2, 2, 8

@@ -20,8 +20,6 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch", reason="Lightning is not installed (adaprec[lightning])")
 
-from _policies import EpochStepBits  # noqa: E402
-
 import adaprec  # noqa: E402
 from adaprec.decision import Decision  # noqa: E402
 from adaprec.events import Event  # noqa: E402
@@ -29,6 +27,8 @@ from adaprec.formats import Precision  # noqa: E402
 from adaprec.integrations.lightning import AdaprecCallback  # noqa: E402
 from adaprec.policies import CPT, Fixed, Policy  # noqa: E402
 from adaprec.policies.cpt import cpt_bits  # noqa: E402
+
+from _policies import EpochStepBits  # noqa: E402
 
 BATCHES, BATCH = 4, 8
 

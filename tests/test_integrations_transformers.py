@@ -17,10 +17,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may reach the network
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (adaprec[hf])")
 
-from _policies import EpochStepBits  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from adaprec.integrations.transformers import STATE_FILE, AdaprecCallback  # noqa: E402
+
+from _policies import EpochStepBits  # noqa: E402
 
 SAMPLES, BATCH, EPOCHS = 16, 4, 2  # 4 steps per epoch, 8 in all
 
