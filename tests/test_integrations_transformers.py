@@ -7,6 +7,7 @@ checkpoint; resuming (inside an epoch, and at an epoch's end) is bitwise equal t
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,65 @@ def test_a_missing_controller_state_is_named_before_the_model_is_touched(tmp_pat
                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert cb.controller is None and type(model.lm_head) is torch.nn.Linear
     assert not model.lm_head._forward_hooks
+
+
+def test_fp16_gradscaler_skipped_steps_count() -> None:
+    # The Trainer's fp16 AMP on a GPU: Accelerate's optimizer carries a GradScaler and calls
+    # scaler.step(optimizer) in its step(). (On the CPU Accelerate uses no scaler, so the Trainer's own
+    # calls are made here around a CPU GradScaler: backward of the scaled loss, step, zero_grad.)
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    args = transformers.TrainingArguments("unused", use_cpu=True, report_to=[])  # (resets Accelerate's state)
+    accelerate.Accelerator(cpu=True)
+    try:
+        model = _gpt2()
+        opt = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), device_placement=False,
+                                   scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+        state, control = transformers.TrainerState(global_step=0, max_steps=6), transformers.TrainerControl()
+        cb = AdaprecCallback(policy=EpochStepBits())
+        cb.on_train_begin(args, state, control, model=model, optimizer=opt)
+        ctl = cb.controller
+        assert ctl.scaler is opt.scaler and ctl.optimizer is opt.optimizer
+        batch = _data()[0]
+        skipped = []
+        for step in range(6):
+            loss = model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss
+            opt.scaler.scale(loss * (math.inf if step in (2, 4) else 1.0)).backward()
+            opt.step()
+            opt.zero_grad()
+            skipped.append(opt.step_was_skipped)
+            state.global_step += 1
+            cb.on_step_end(args, state, control)
+        cb.on_train_end(args, state, control)
+        assert skipped == [False, False, True, False, True, False]  # the scaler really skipped them
+        assert ctl.step_count == ctl.cost.steps == 6  # and they counted, so the schedule did not drift
+        assert [h.step for h in ctl.history] == list(range(6))  # EpochStepBits changes every step
+        assert type(model.lm_head) is torch.nn.Linear and "step" not in vars(opt.scaler)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_a_step_the_controller_did_not_see_is_followed_with_one_warning() -> None:
+    model = _gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    args = transformers.TrainingArguments("unused", use_cpu=True, report_to=[])
+    state, control = transformers.TrainerState(global_step=0, max_steps=8), transformers.TrainerControl()
+    cb = AdaprecCallback(policy=EpochStepBits())
+    cb.on_train_begin(args, state, control, model=model, optimizer=opt)
+    batch = _data()[0]
+    with pytest.warns(UserWarning, match="counted 0 iterations where the trainer counted 2 optimizer steps"):
+        for _ in range(2):  # updates behind the optimizer's back (as an engine stepping on its own)
+            model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+            state.global_step += 1
+        cb.on_step_end(args, state, control)
+    assert cb.controller.step_count == 2  # the trainer's count
+    opt.step()
+    state.global_step += 1
+    cb.on_step_end(args, state, control)  # in step again: nothing to say
+    cb.on_train_end(args, state, control)
+    assert cb.controller.step_count == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 from ..controller import Controller
@@ -25,6 +26,22 @@ def check_options(owner: str, policy: Any, options: dict[str, Any]) -> None:
     if unknown:
         raise TypeError(f"{owner}: unknown Controller option(s) {unknown}; the options are {allowed}")
     make_policy(policy)  # an unknown name or a bad recipe fails now, with the registry's message
+
+
+def follow_steps(owner: str, ctl: Controller, trainer_steps: int, warned: bool) -> bool:
+    """Keep the controller's iteration count on the trainer's optimizer-step count; returns ``warned``.
+
+    They agree unless something stepped the optimizer past the controller (or the other way round):
+    then say so once, and follow the trainer so that schedules do not drift.
+    """
+    if ctl.step_count != trainer_steps:
+        if not warned:
+            warnings.warn(f"{owner}: the controller counted {ctl.step_count} iterations where the trainer "
+                          f"counted {trainer_steps} optimizer steps; following the trainer (the cost report "
+                          "misses the difference)", stacklevel=3)
+            warned = True
+        ctl.step_count = trainer_steps
+    return warned
 
 
 def scalars(ctl: Controller) -> dict[str, float]:

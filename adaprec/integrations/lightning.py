@@ -52,7 +52,6 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 try:  # the unified package; the standalone ``pytorch_lightning`` has the same Callback API
@@ -67,7 +66,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 import torch
 
 from ..controller import Controller
-from ._common import check_options, scalars
+from ._common import check_options, follow_steps, scalars
 
 __all__ = ["AdaprecCallback"]
 
@@ -151,17 +150,6 @@ class AdaprecCallback(Callback):
         if ctl.step_count != trainer.global_step:
             ctl.step_count = trainer.global_step
 
-    def _check_counters(self, trainer: Any) -> None:
-        ctl = self.controller
-        if ctl.step_count != trainer.global_step and not self._warned:
-            # Something stepped the optimizer without the controller seeing it (or the other way round):
-            # say so once, and follow the trainer so that schedules do not drift.
-            self._warned = True
-            warnings.warn(f"AdaprecCallback: the controller counted {ctl.step_count} iterations where "
-                          f"the trainer counted {trainer.global_step} optimizer steps; following the trainer "
-                          "(the cost report misses the difference)", stacklevel=2)
-            ctl.step_count = trainer.global_step
-
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._begin_epoch(trainer)
 
@@ -182,7 +170,7 @@ class AdaprecCallback(Callback):
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 ctl.observe(loss=loss.detach())
-        self._check_counters(trainer)
+        self._warned = follow_steps("AdaprecCallback", ctl, trainer.global_step, self._warned)
         step = trainer.global_step
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50
         if step > 0 and step % every == 0:

@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 import torch
 
 from ..controller import Controller
-from ._common import check_options
+from ._common import check_options, follow_steps
 
 __all__ = ["AdaprecCallback", "STATE_FILE"]
 
@@ -102,6 +102,7 @@ class AdaprecCallback(TrainerCallback):
         #: The controller of the current (or last) run; ``None`` before the first one starts.
         self.controller: Controller | None = None
         self._epoch_open = False
+        self._warned = False
 
     # --- the run ---------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -127,6 +128,7 @@ class AdaprecCallback(TrainerCallback):
             ctl.load_state_dict(saved)  # checked now, applied by start()
         self.controller = ctl
         self._epoch_open = False
+        self._warned = False
         ctl.start(step=state.global_step, epoch=_epoch(state))
         if ctl.step_count != state.global_step:  # the Trainer's count is the truth
             ctl.step_count = state.global_step
@@ -137,8 +139,7 @@ class AdaprecCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ctl = self.controller
-        if ctl.step_count != state.global_step:
-            ctl.step_count = state.global_step
+        self._warned = follow_steps("AdaprecCallback", ctl, state.global_step, self._warned)
         # The epoch's last step: end it now, so that a checkpoint saved at this step holds the ended epoch.
         if self._epoch_open and state.epoch is not None and state.epoch == math.floor(state.epoch) \
                 and int(state.epoch) > ctl.epoch_index:
