@@ -1,7 +1,8 @@
 """DESIGN.md contract 6 under real ``torch.distributed``: DDP over gloo, two processes on loopback.
 
-The test starts two processes (``torch.multiprocessing``, spawn) that train the same small model on
-different data shards. Each rank writes what it saw; rank 0 also gathers every rank's decision history
+Two processes (``torch.multiprocessing``, spawn; started once for every two-process test, see
+``tests/_distributed.py``) train the same small model on different data shards. Each rank returns
+what it saw; rank 0 also gathers every rank's decision history
 with ``all_gather_object``. Checked:
 
 * every rank takes the same decisions at every step — MuPPET (driven by gradient diversity) and a
@@ -12,13 +13,12 @@ with ``all_gather_object``. Checked:
 * the cost meter counts the global batch: twice a single process's BitOPs for the same local batch;
 * leaving the ``with`` block restores the model and the optimizer exactly on every rank.
 
-Nothing can hang CI: the process group has a 60 s timeout and the parent kills both ranks after 150 s.
+Nothing can hang CI: the process group has a 60 s timeout and the parent kills both ranks after 240 s.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,12 +31,10 @@ import adaprec
 from adaprec.observers.diversity import GradientDiversity
 from adaprec.policies import MuPPET
 
-from _distributed import init, spawn
+from _distributed import WORLD
 from _policies import LossBits
 
-WORLD = 2
 EPOCHS, BATCHES, LOCAL_BATCH = 6, 3, 8
-DEADLINE_S = 150
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -95,19 +93,15 @@ def _run(rank: int, policy: Any, sync_stats: bool = True, observer: bool = False
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    init(rank, port, WORLD)
-    try:
-        muppet = MuPPET(levels=(6, 8, 12, "fp32"), resolution=2, patience=1, alpha=1.0, beta=0.0)
-        result = {
-            "muppet": _run(rank, muppet),
-            "loss": _run(rank, LossBits()),
-            "loss_unsynced": _run(rank, LossBits(), sync_stats=False),
-            "fp32": _run(rank, "fp32", observer=True),
-        }
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def scenario(rank: int, out: str) -> dict[str, Any]:
+    """On each rank, in the shared two-process group (tests/_distributed.py)."""
+    muppet = MuPPET(levels=(6, 8, 12, "fp32"), resolution=2, patience=1, alpha=1.0, beta=0.0)
+    return {
+        "muppet": _run(rank, muppet),
+        "loss": _run(rank, LossBits()),
+        "loss_unsynced": _run(rank, LossBits(), sync_stats=False),
+        "fp32": _run(rank, "fp32", observer=True),
+    }
 
 
 def _single_process(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[float], float]:
@@ -120,9 +114,8 @@ def _single_process(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[l
     return [h.value for h in obs.history], ctl.report()["gbitops"]
 
 
-def test_ddp_two_processes_agree_and_count_the_global_batch(tmp_path: Path) -> None:
-    spawn(_worker, (str(tmp_path),), WORLD, DEADLINE_S)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def test_ddp_two_processes_agree_and_count_the_global_batch(two_ranks: Any) -> None:
+    ranks = two_ranks("test_distributed:scenario")
 
     for run in ("muppet", "loss", "fp32"):
         gathered = ranks[0][run]["histories"]

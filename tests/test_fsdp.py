@@ -28,10 +28,9 @@ from torch import nn
 import adaprec
 from adaprec.policies import Fixed
 
-from _distributed import init, spawn
+from _distributed import WORLD
 from _policies import LossBits
 
-WORLD = 2
 EPOCHS, SAVE_AT, BATCHES, LOCAL_BATCH = 4, 2, 2, 8
 DIMS = ((10, 16), (16, 16), (16, 3))  # the three Linear layers (in, out)
 
@@ -95,56 +94,52 @@ def _quantizes_the_gathered_weights(rank: int) -> bool:
     return torch.equal(got, want) and not torch.equal(got, plain(x))
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def scenario(rank: int, out: str) -> dict[str, Any]:
+    """On each rank, in the shared two-process group (tests/_distributed.py)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from adaprec.integrations.dcp import ControllerState
 
-    init(rank, port, WORLD)
-    try:
-        result: dict[str, Any] = {"gathered": _quantizes_the_gathered_weights(rank)}
-        data = _shard(rank)
-        ckpt = str(Path(out) / "dcp")
+    result: dict[str, Any] = {"gathered": _quantizes_the_gathered_weights(rank)}
+    data = _shard(rank)
+    ckpt = str(Path(out) / "dcp")
 
-        # The run that never stops; a DCP checkpoint after SAVE_AT epochs.
-        model = _sharded()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        before, keys, x = _fingerprint(model), list(model.state_dict()), torch.randn(5, 10)
-        with adaprec.Controller(model, policy=LossBits(), optimizer=opt) as ctl:
-            _train(model, opt, ctl, data, range(SAVE_AT))
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd, "adaprec": ControllerState(ctl)}, checkpoint_id=ckpt)
-            _train(model, opt, ctl, data, range(SAVE_AT, EPOCHS))
-        histories: list[Any] = [None] * WORLD
-        dist.all_gather_object(histories, [(h.step, h.layers) for h in ctl.history])
-        full = _full(model)
-        plain = _plain()
-        plain.load_state_dict(full)
-        result.update(histories=histories, history=ctl.history, report=dict(ctl.report()), weights=full,
-                      restored=(_fingerprint(model) == before and list(model.state_dict()) == keys
-                                and torch.equal(model(x), plain(x))))
+    # The run that never stops; a DCP checkpoint after SAVE_AT epochs.
+    model = _sharded()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before, keys, x = _fingerprint(model), list(model.state_dict()), torch.randn(5, 10)
+    with adaprec.Controller(model, policy=LossBits(), optimizer=opt) as ctl:
+        _train(model, opt, ctl, data, range(SAVE_AT))
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd, "adaprec": ControllerState(ctl)}, checkpoint_id=ckpt)
+        _train(model, opt, ctl, data, range(SAVE_AT, EPOCHS))
+    histories: list[Any] = [None] * WORLD
+    dist.all_gather_object(histories, [(h.step, h.layers) for h in ctl.history])
+    full = _full(model)
+    plain = _plain()
+    plain.load_state_dict(full)
+    result.update(histories=histories, history=ctl.history, report=dict(ctl.report()), weights=full,
+                  restored=(_fingerprint(model) == before and list(model.state_dict()) == keys
+                            and torch.equal(model(x), plain(x))))
 
-        # A new run from the checkpoint: other initial weights, everything must come from it.
-        model2 = _sharded(seed=5)
-        opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
-        ctl2 = adaprec.Controller(model2, policy=LossBits(), optimizer=opt2)
-        msd2, osd2 = get_state_dict(model2, opt2)
-        state = {"model": msd2, "optim": osd2, "adaprec": ControllerState(ctl2)}
-        dcp.load(state, checkpoint_id=ckpt)  # the controller's state is applied when it starts
-        set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        with ctl2:
-            _train(model2, opt2, ctl2, data, range(SAVE_AT, EPOCHS))
-        result.update(resumed_history=ctl2.history, resumed_report=dict(ctl2.report()),
-                      resumed_weights=_full(model2))
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    # A new run from the checkpoint: other initial weights, everything must come from it.
+    model2 = _sharded(seed=5)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    ctl2 = adaprec.Controller(model2, policy=LossBits(), optimizer=opt2)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    state = {"model": msd2, "optim": osd2, "adaprec": ControllerState(ctl2)}
+    dcp.load(state, checkpoint_id=ckpt)  # the controller's state is applied when it starts
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with ctl2:
+        _train(model2, opt2, ctl2, data, range(SAVE_AT, EPOCHS))
+    result.update(resumed_history=ctl2.history, resumed_report=dict(ctl2.report()),
+                  resumed_weights=_full(model2))
+    return result
 
 
-def test_fsdp2_two_processes(tmp_path: Path) -> None:
-    spawn(_worker, (str(tmp_path),), WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def test_fsdp2_two_processes(two_ranks: Any) -> None:
+    ranks = two_ranks("test_fsdp:scenario")
 
     for r in ranks:
         assert r["gathered"], "a sharded layer did not quantize its whole weight"

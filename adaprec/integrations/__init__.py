@@ -13,7 +13,7 @@ Each callback only drives the controller's public lifecycle (:meth:`adaprec.Cont
 own can do too. Importing this package imports none of those libraries.
 
 Example:
-    >>> import sys, adaprec.integrations
-    >>> "adaprec.integrations.lightning" in sys.modules  # not until you import it
-    False
+    >>> from adaprec.integrations import dcp          # needs torch only; .lightning needs Lightning
+    >>> dcp.ControllerState.__name__
+    'ControllerState'
 """
