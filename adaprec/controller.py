@@ -780,6 +780,9 @@ class Controller:
             "rounding_rng": self.rounding_rng.state_dict(),
             # What ctl.observe() and observers published last: policies may read it when deciding.
             "stats": _saved_stats(self.stats),
+            # The precisions decided for the iteration in progress (None before the start).
+            "in_force": None if self._current is None else
+            HistoryEntry(self.step_count, self.epoch_index, dict(self._current), self._eval),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -814,17 +817,18 @@ class Controller:
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        # Put back what was in force at the saved step, as it was: the policy decided it an iteration
-        # earlier, from what it knew then (asking it again now could give another answer). The next
-        # iteration asks the policy as the uninterrupted run does.
+        # Put back the precisions in force at the saved step, as they were: the policy decided them when
+        # the previous iteration ended, from what it knew then (asking it again now could answer
+        # otherwise). The next iteration asks the policy, as in the uninterrupted run.
         self._decision = None
         hist = list(self.history)  # a copy: _apply appends to self.history
-        if hist:
-            self._put(hist[-1])
-        else:  # a state from before any decision
+        in_force = state.get("in_force")
+        if in_force is not None:
+            self._put(in_force)
+        else:  # a state from before the start, or from an older adaprec: decide again
             self._apply(self.policy.decide(self), force=True)
+            self._key = hist[-1].summary() if hist else "fp32"
         self.history = hist
-        self._key = hist[-1].summary() if hist else "fp32"
 
 
 def _check_state(state: Any, layer_names: list[str]) -> None:
