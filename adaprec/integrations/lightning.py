@@ -7,8 +7,9 @@
   ends after the step of its last batch (before checkpoints saved at that step or at the epoch's end),
   or at ``on_train_epoch_end`` if the loop stopped early.
 * **Checkpoints.** The controller's state travels in Lightning's checkpoints (the callback's
-  ``state_dict``); ``trainer.fit(model, ckpt_path=...)`` restores it and the run continues with the same
-  decisions (on the CPU with fixed seeds, bitwise the same weights as a run that was never stopped).
+  ``state_dict``); ``trainer.fit(model, ckpt_path=...)`` restores it. From a checkpoint saved at an
+  epoch's end the run continues with the same decisions (on the CPU with fixed seeds, bitwise the same
+  weights as a run that was never stopped).
 * **Mixed precision.** ``precision="bf16-mixed"`` runs under autocast (adaprec quantizes in float32 and
   casts back); with ``"16-mixed"`` the precision plugin's ``GradScaler`` is given to the controller, so
   iterations whose update the scaler skips still count.
