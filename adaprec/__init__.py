@@ -40,8 +40,8 @@ __version__ = "0.1.0"
 
 #: Sub-modules imported on first attribute access (``adaprec.<name>``) rather than by ``import adaprec``.
 LAZY_SUBMODULES = frozenset({
-    "cli", "cost", "guard", "observers", "optim", "plots", "prt", "quant", "storage_mode", "tasks",
-    "tensorboard", "timemodel", "tune",
+    "cli", "cost", "guard", "integrations", "observers", "optim", "plots", "prt", "quant", "storage_mode",
+    "tasks", "tensorboard", "timemodel", "tune",
 })
 
 __all__ = [

@@ -673,17 +673,21 @@ class Controller:
         self._decision = decision
         if layers == self._current and eval_layers == self._eval and not force:
             return
-        old = self._current
-        self.backend.apply(layers, eval_layers)
-        self.cost.set_precisions(layers)
-        self._current, self._eval = layers, eval_layers
         entry = HistoryEntry(self.step_count, self.epoch_index, layers, eval_layers)
         if self.history and self.history[-1].step == self.step_count:
             self.history[-1] = entry  # changed again before the step ran: only the last one counts
         else:
             self.history.append(entry)
+        self._put(entry)
+
+    def _put(self, entry: HistoryEntry) -> None:
+        """Put ``entry``'s precisions in force (backend, cost meter) and announce the change."""
+        old = self._current
+        self.backend.apply(entry.layers, entry.eval_layers)
+        self.cost.set_precisions(entry.layers)
+        self._current, self._eval = entry.layers, entry.eval_layers
         self._key = entry.summary()
-        self.fire(Event.PRECISION_CHANGED, old=old, new=layers, step=self.step_count)
+        self.fire(Event.PRECISION_CHANGED, old=old, new=entry.layers, step=self.step_count)
 
     def _constrain(self, layers: dict[str, Precision], static: bool = False) -> dict[str, Precision]:
         """Apply the constraints in order; ``static=True`` leaves out the divergence guard's run-time
@@ -751,7 +755,8 @@ class Controller:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: counters, policy, cost, history, components, RNG state.
+        """Everything needed to resume: counters, policy, cost, history, components, RNG state, and the
+        last observed values (``ctl.stats``: numbers and tensors).
 
         Usable before :meth:`start` too (the fresh state). Taken after the last batch's step of a
         :meth:`epoch` loop over a loader with ``len()``, it first ends that epoch (the loop would do so
@@ -776,6 +781,11 @@ class Controller:
                            if hasattr(c, "state_dict")},
             "rng": rng,
             "rounding_rng": self.rounding_rng.state_dict(),
+            # What ctl.observe() and observers published last: policies may read it when deciding.
+            "stats": _saved_stats(self.stats),
+            # The precisions decided for the iteration in progress (None before the start).
+            "in_force": None if self._current is None else
+            HistoryEntry(self.step_count, self.epoch_index, dict(self._current), self._eval),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -805,15 +815,23 @@ class Controller:
                 self.components[k].load_state_dict(st)
         if "rounding_rng" in state:
             self.rounding_rng.load_state_dict(state["rounding_rng"])
+        if "stats" in state:
+            self.stats = dict(state["stats"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        # Re-apply what was in force at the saved step, without recording a new change.
+        # Put back the precisions in force at the saved step, as they were: the policy decided them when
+        # the previous iteration ended, from what it knew then (asking it again now could answer
+        # otherwise). The next iteration asks the policy, as in the uninterrupted run.
         self._decision = None
         hist = list(self.history)  # a copy: _apply appends to self.history
-        self._apply(self.policy.decide(self), force=True)
+        in_force = state.get("in_force")
+        if in_force is not None:
+            self._put(in_force)
+        else:  # a state from before the start, or from an older adaprec: decide again
+            self._apply(self.policy.decide(self), force=True)
+            self._key = hist[-1].summary() if hist else "fp32"
         self.history = hist
-        self._key = hist[-1].summary() if hist else "fp32"
 
 
 def _check_state(state: Any, layer_names: list[str]) -> None:
@@ -858,6 +876,18 @@ def _read_reference(spec: Any) -> Precision | None:
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _saved_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``ctl.stats`` a checkpoint keeps: numbers, strings and tensors (detached copies),
+    which ``torch.load(weights_only=True)`` reads back."""
+    out: dict[str, Any] = {}
+    for k, v in stats.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().clone()
+        elif isinstance(v, bool | int | float | str):
+            out[k] = v
+    return out
 
 
 def _observed(stats: dict[str, Any]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """DESIGN.md contract 6 under real ``torch.distributed``: DDP over gloo, two processes on loopback.
 
-The test starts two processes (``torch.multiprocessing``, spawn) that train the same small model on
-different data shards. Each rank writes what it saw; rank 0 also gathers every rank's decision history
+Two processes (``torch.multiprocessing``, spawn; started once for every two-process test, see
+``tests/_distributed.py``) train the same small model on different data shards. Each rank returns
+what it saw; rank 0 also gathers every rank's decision history
 with ``all_gather_object``. Checked:
 
 * every rank takes the same decisions at every step — MuPPET (driven by gradient diversity) and a
@@ -12,47 +13,30 @@ with ``all_gather_object``. Checked:
 * the cost meter counts the global batch: twice a single process's BitOPs for the same local batch;
 * leaving the ``with`` block restores the model and the optimizer exactly on every rank.
 
-Nothing can hang CI: the process group has a 60 s timeout and the parent kills both ranks after 150 s.
+Nothing can hang CI: the process group has a 60 s timeout and the parent kills both ranks after 240 s.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
-import socket
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import adaprec
-from adaprec.decision import Decision
-from adaprec.formats import Precision
 from adaprec.observers.diversity import GradientDiversity
-from adaprec.policies import MuPPET, Policy
+from adaprec.policies import MuPPET
 
-WORLD = 2
+from _distributed import WORLD
+from _policies import LossBits
+
 EPOCHS, BATCHES, LOCAL_BATCH = 6, 3, 8
-DEADLINE_S = 150
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-class LossBits(Policy):
-    """Bits picked from the latest observed training loss: a decision that depends on a rank-local value."""
-
-    name = "loss-bits"
-
-    def decide(self, ctl: Any) -> Decision:
-        loss = ctl.stats.get("loss")
-        bits = 6 if loss is None else 3 + int(float(loss) * 1e4) % 5
-        return Decision.uniform(Precision.cpt(bits, 8))
 
 
 def _model() -> nn.Module:
@@ -109,42 +93,15 @@ def _run(rank: int, policy: Any, sync_stats: bool = True, observer: bool = False
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        muppet = MuPPET(levels=(6, 8, 12, "fp32"), resolution=2, patience=1, alpha=1.0, beta=0.0)
-        result = {
-            "muppet": _run(rank, muppet),
-            "loss": _run(rank, LossBits()),
-            "loss_unsynced": _run(rank, LossBits(), sync_stats=False),
-            "fp32": _run(rank, "fp32", observer=True),
-        }
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(out: Path) -> None:
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=5):  # raises ProcessRaisedException if a rank failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP workers did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+def scenario(rank: int, out: str) -> dict[str, Any]:
+    """On each rank, in the shared two-process group (tests/_distributed.py)."""
+    muppet = MuPPET(levels=(6, 8, 12, "fp32"), resolution=2, patience=1, alpha=1.0, beta=0.0)
+    return {
+        "muppet": _run(rank, muppet),
+        "loss": _run(rank, LossBits()),
+        "loss_unsynced": _run(rank, LossBits(), sync_stats=False),
+        "fp32": _run(rank, "fp32", observer=True),
+    }
 
 
 def _single_process(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[float], float]:
@@ -157,9 +114,8 @@ def _single_process(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[l
     return [h.value for h in obs.history], ctl.report()["gbitops"]
 
 
-def test_ddp_two_processes_agree_and_count_the_global_batch(tmp_path: Path) -> None:
-    _spawn(tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def test_ddp_two_processes_agree_and_count_the_global_batch(two_ranks: Any) -> None:
+    ranks = two_ranks("test_distributed:scenario")
 
     for run in ("muppet", "loss", "fp32"):
         gathered = ranks[0][run]["histories"]

@@ -221,7 +221,8 @@ def test_import_adaprec_loads_no_optional_package_and_reaches_optim_lazily() -> 
     out = _fresh_python(
         "import sys, adaprec\n"
         "heavy = ['optuna', 'tensorboard', 'matplotlib', 'sklearn', 'torchvision', 'adaprec.tasks', "
-        "'adaprec.tune', 'adaprec.optim']\n"
+        "'adaprec.tune', 'adaprec.optim', 'lightning', 'pytorch_lightning', 'transformers', 'accelerate', "
+        "'adaprec.integrations']\n"
         "print([m for m in heavy if m in sys.modules])\n"
         "print(adaprec.optim.KahanSGD.__module__, 'optim' in dir(adaprec))\n"
         "import adaprec.tune.cli\n"

@@ -12,8 +12,9 @@ second half, so the whole test costs two interpreter starts.
 
 What ``ctl.load_state_dict`` restores: the step and epoch counters, the policy's state, the observers'
 windows (``ctl.components``: gradient diversity, the divergence guard's floors), the cost so far, the
-decision history, and torch's *global* CPU generator (plus CUDA's when it was saved), because the
-simulated backend's stochastic rounding draws from it. It does not restore the model, the optimizer
+decision history with the precisions in force, the last observed values (``ctl.stats``, which a policy
+may read when it decides), the controller's stochastic-rounding generator and torch's *global* CPU
+generator (plus CUDA's when it was saved). It does not restore the model, the optimizer
 (including ``adaprec.optim``'s own rounding generator, which lives in ``opt.state_dict()``), an LR
 scheduler, the data order (a ``DataLoader``'s sampler or generator) or Python's/NumPy's RNGs: save and
 load those yourself. Order that works for every policy and for weight storage: build model and
@@ -45,6 +46,7 @@ CASES: dict[str, tuple[int, int]] = {
     "cpt": (6, 3),        # 24 steps in 3 cycles of 8: stops in the middle of the second cycle
     "muppet": (12, 5),    # diversity windows {0,1}, {2,3}, {4,5}, ...: stops with epoch 4 in the window
     "kahan": (5, 2),      # CPT decisions stored as the weights' own format by KahanSGD
+    "loss": (4, 2),       # decisions read the observed loss (ctl.stats): it is part of the state
 }
 BATCHES = 4
 
@@ -70,6 +72,10 @@ def _build(case: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         if case == "fixed":
             policy = Fixed(bits=5, grad_bits=6)  # stochastic rounding of the errors: the RNG matters
+        elif case == "loss":
+            from _policies import LossBits  # tests/ is this script's folder
+
+            policy = LossBits()
         elif case == "cpt":
             policy = CPT(bits=(3, 8), grad_bits=(6, 8), cycles=3)
         else:  # T(j) = 1: every drop of diversity is a violation, and one switches (many switches)
