@@ -397,6 +397,9 @@ class Controller:
             self.layer_names = self.backend.attach(self.model, self._layers)
             self._rng_key = register_rng(self.rounding_rng)
             self.backend.set_rng(self._rng_key)
+            bind = getattr(self.backend, "bind", None)  # a backend's own report (hardware: route times)
+            if bind is not None:
+                bind(self)
             ref = self.reference or Precision.cpt(8, 8)
             ref_layers = self._constrain(Decision.uniform(ref).resolve(self.layer_names), static=True)
             self.cost = CostMeter(self.layer_names, self.backend.macs, ref, scale=_world_size(),

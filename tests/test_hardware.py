@@ -64,17 +64,17 @@ ALL = set(KERNELS)
     (Precision.uniform("fp8_e4m3"), LIN, ALL,
      Route("fp8", torch.float8_e4m3fn, torch.float8_e4m3fn, grad_quant=True)),
     (Precision.uniform("fp8_e5m2"), LIN, ALL, Route("sim", kernel=False)),  # E5M2 forward: simulated
-    (Precision.cpt(8, 8), LIN, ALL, Route("int8")),
-    (Precision(IntFormat(8), IntFormat(8), FP32()), LIN, ALL, Route("int8")),
+    (Precision.cpt(8, 8), LIN, ALL, Route("int8", via="int_mm")),
+    (Precision(IntFormat(8), IntFormat(8), FP32()), LIN, ALL, Route("int8", via="int_mm")),
     (Precision.cpt(8, 8), CONV, ALL, Route("sim", kernel=False)),
     (Precision.cpt(9, 8), LIN, ALL, Route("sim", kernel=False)),
     (Precision(IntFormat(8, True), IntFormat(8, True), IntFormat(8)), LIN, ALL, Route("sim", kernel=False)),
     (Precision(IntFormat(8, rounding="stochastic"), IntFormat(8), IntFormat(8)), LIN, ALL,
-     Route("int8")),                                                    # codes carry their own rounding
+     Route("int8", via="int_mm")),                                                    # codes carry their own rounding
     (Precision(FloatFormat("bf16"), FloatFormat("bf16"), FP32()), LIN, ALL, Route("sim", kernel=False)),
-    (Precision.fixed_point(8), LIN, ALL, Route("int8")),               # fx8: signed 8-bit codes
+    (Precision.fixed_point(8), LIN, ALL, Route("int8", via="int_mm")),               # fx8: signed 8-bit codes
     (Precision.fixed_point(9), LIN, ALL, Route("sim", kernel=False)),
-    (Precision.cpt(3, 8), LIN, ALL, Route("int8")),                     # every CPT width <= 8
+    (Precision.cpt(3, 8), LIN, ALL, Route("int8", via="int_mm")),                     # every CPT width <= 8
     (Precision.fp32(), LIN, ALL, Route("sim", kernel=False)),
 ])
 def test_route_table(prec, module, ok, expect):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..formats import FP32, Format, Precision, run_kernel
+from ..formats.codes import tensor_range
 
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
 
@@ -158,7 +159,7 @@ class Quantizer:
     def _range(self, x: Tensor, training: bool, update: bool = True) -> tuple[Tensor, Tensor]:
         """Batch range in training (also folded into the EMA unless ``update=False``); the EMA in eval,
         once one exists."""
-        lo, hi = torch.aminmax(x.detach())
+        lo, hi = tensor_range(x)
         cur = torch.stack((lo, hi)).to(self.range.dtype)
         if training:
             if not update:
