@@ -27,21 +27,22 @@ route      when (all conditions)                                  what runs
 (emul.)    device (CUDA: every dim of the product a multiple of   product in float32 (``fp8`` is decided
            16), ``_scaled_mm`` is missing, or the layer is a      per call, by shape; convs always
            convolution                                            emulate)
-``int8``   Linear; weight and activation formats with integer     ``torch._int_mm`` on the formats'
-           codes of <= 8 bits (CPT's min-max grid ``int2``..      integer codes (:meth:`Format.encode`),
-           ``int8``, fixed point ``fx2``..``fx8``), either       zero points folded in exactly.
-           rounding; activation per tensor; any gradient format;  Backward: the error is quantized by
-           ``_int_mm`` runs on the device. Per call, CUDA         the gradient format; the weight
-           needs M > 16 and K, N multiples of 8 (else the same    gradient uses ``_int_mm`` when the
-           codes multiply in float32)                             error has <= 8-bit per-tensor codes
-                                                                  (else float32); the input gradient
-                                                                  multiplies in float32, because the
-                                                                  weight's per-channel scales run
-                                                                  along that product's reduction
+``int8``   Linear or Conv1d/2d/3d (one group, numeric zero        the integer codes of the formats
+           padding); weight and activation formats with integer   (:meth:`Format.encode`) multiplied on a
+           codes of <= 8 bits (CPT's min-max grid ``int2``..      *code kernel* (``via``): ``int_mm``
+           ``int8``, fixed point ``fx2``..``fx8``), either        (``torch._int_mm``, Linear only),
+           rounding; activation per tensor; any gradient format;  ``bf16`` (bf16 products, float32
+           the code kernel runs on the device (see                results: exact) or ``bf16-out``
+           :class:`HardwareBackend`'s ``codes``). Per call,       (result rounded to bf16); offsets
+           CUDA's ``_int_mm`` needs M > 16 and K, N multiples     folded in exactly. All three products
+           of 8 (else the same codes multiply in float32)         on codes; the input gradient with
+                                                                  per-channel weight scales is a
+                                                                  documented variant
+                                                                  (:mod:`adaprec.quant.intcodes`)
 ``sim``    everything else: other widths and formats (int and    the simulated backend's fake
            fixed point > 8 bits, block-scaled, stochastic fwd.,   quantization, exactly as with
-           mixed roles), LSTM/GRU/RNN/MultiheadAttention, a       ``backend="simulated"``
-           route whose kernel the device lacks (except fp8)
+           mixed roles), LSTM/GRU/RNN/MultiheadAttention, a       ``backend="simulated"`` (layers in
+           route whose kernel the device lacks (except fp8)       FP32 run their own forward)
 =========  =====================================================  =====================================
 
 FP8 means *scaled* FP8 everywhere, as FP8 training is done on real hardware: each tensor is divided by
@@ -57,8 +58,9 @@ Which kernels exist is found by running each one once on the model's device at `
 on the CPU ``bfloat16``/``float16`` matmuls and convolutions, ``torch._scaled_mm`` and ``torch._int_mm``
 all run, without shape restrictions). ``strict_shapes`` (default: on for CUDA only) applies the CUDA
 shape rules anyway. A route change is a change of the traced program: under ``torch.compile`` each
-route compiles once (at most five variants per layer); bit-width changes *within* the ``sim`` route
-still never recompile (DESIGN.md contract 3). Scales are tensors: no host sync per step.
+route compiles once (at most five variants per layer); bit-width changes *within* a route (``sim``, or
+CPT's widths 2..8 on ``int8``) never recompile (DESIGN.md contract 3). Scales are tensors: no host sync
+per step. Which code kernel ``int8`` uses, and why, is in docs/methods.md#hardware-integer-codes.
 
 Example:
     >>> import torch
@@ -560,7 +562,7 @@ class HardwareBackend(SimulatedBackend):
                 continue
             ev = prec if eval is None else eval.get(name, prec)
             hw.set_routes(self.route_for(prec, hw.module), self.route_for(ev, hw.module))
-        self._signature = _signature(self.routes())
+        self._signature = _signature(self.routes(), {n: p.is_fp32 for n, p in train.items()})
 
     def detach(self) -> None:
         self._hw.clear()
@@ -572,6 +574,10 @@ class HardwareBackend(SimulatedBackend):
         return {n: (self._hw[n].train, self._hw[n].eval) if n in self._hw else (_SIM, _SIM)
                 for n in self.sites}
 
+    def route_signature(self) -> str:
+        """The training routes in force, e.g. ``"int8:bf16+sim"`` (what ``route_time`` groups steps by)."""
+        return self._signature
+
     def calls(self) -> dict[str, dict[str, int]]:
         """How each layer's eager forwards ran so far: ``{"fp8": 12, "fp8-emulated": 1, ...}``."""
         return {n: dict(h.calls) for n, h in self._hw.items() if h.calls}
@@ -579,17 +585,21 @@ class HardwareBackend(SimulatedBackend):
     # --- with a Controller ------------------------------------------------------------------------
     @property
     def muppet_levels(self) -> tuple:
-        """The ladder :class:`~adaprec.policies.muppet.MuPPET` climbs on this backend by default: fixed
-        point ``fx8`` on the integer-code route, then bf16 (autocast-style, errors rounded to nearest),
-        then FP32 — every level on a real kernel (docs/methods.md#hardware-ladder)."""
-        return ("fx8", hardware_precision("bf16"), "fp32")
+        """The ladder :class:`~adaprec.policies.muppet.MuPPET` climbs on this backend by default, every
+        level on a real kernel (docs/methods.md#hardware-ladder): fixed point ``fx8`` on the integer-code
+        route, bf16 (autocast-style, errors rounded to nearest), FP32. ``fx8`` only leads where its codes
+        run on integer units faster than bf16 ones (code kernel ``"int_mm"``: GPUs, CPUs without AMX);
+        where they run on the bf16 units themselves (AMX), ``fx8`` is both slower and coarser than bf16
+        (measured: ``benchmarks/results/speed.md``), so the ladder starts at bf16."""
+        bf16 = hardware_precision("bf16")
+        return ("fx8", bf16, "fp32") if self.codes == "int_mm" else (bf16, "fp32")
 
     def bind(self, ctl) -> None:
         """Called by the :class:`~adaprec.Controller` once attached: time its steps per route."""
         from ..events import Event
 
         self._timer = timer = _RouteTimer()
-        ctl.on(Event.ITERATION_COMPLETED, lambda _ctl, **_: timer.step(self._signature))
+        ctl.on(Event.ITERATION_COMPLETED, lambda _ctl, **_: timer.step(self.route_signature()))
         ctl.add_report_section("route_time", lambda: {"route_time": timer.report()})
 
 
@@ -619,13 +629,16 @@ def _amx() -> bool:
         return False
 
 
-def _route_name(r: Route) -> str:
+def _route_name(r: Route, fp32: bool) -> str:
+    if r.kind == "sim":
+        return "fp32" if fp32 else "sim"
     return f"int8:{r.via}" if r.kind == "int8" else r.kind if r.kernel else f"{r.kind}-emulated"
 
 
-def _signature(routes: dict[str, tuple[Route, Route]]) -> str:
-    """The training routes in force, e.g. ``"int8:bf16+sim"`` (distinct names, sorted)."""
-    return "+".join(sorted({_route_name(tr) for tr, _ in routes.values()})) or "sim"
+def _signature(routes: dict[str, tuple[Route, Route]], fp32: dict[str, bool]) -> str:
+    """The training routes in force, e.g. ``"int8:bf16+sim"`` (distinct names, sorted; layers left in
+    FP32 count as ``"fp32"``)."""
+    return "+".join(sorted({_route_name(tr, fp32.get(n, False)) for n, (tr, _) in routes.items()})) or "sim"
 
 
 class _RouteTimer:

@@ -30,11 +30,12 @@ The three products of a training step:
   backend does, same stochastic draws) and multiplied as codes — equal as well;
 * input gradient ``dX = G W``: its sum runs over the output channels, along which a per-channel weight
   has its scales, so no integer product of *those* codes gives it. Exact for per-tensor weights (fixed
-  point); with per-channel weights the route quantizes ``G * s_w`` (the error with each output
-  channel's weight scale folded in) with the gradient format, *reusing the error's own stochastic-
-  rounding noise*, and multiplies those codes with the weight codes; the weight offsets' part uses the
-  quantized error itself. Unbiased like the simulated product but not the same numbers: a documented
-  variant (``input_grad="float32"`` multiplies the dequantized tensors in float32 instead).
+  point). With per-channel weights, a documented variant: on bf16 kernels the scaled weight codes
+  ``s_w[n] Q_w[n, k]`` go into the product and are rounded to bf16 there (the error's codes stay exact);
+  on ``int_mm`` the error with each channel's weight scale folded in, ``G * s_w``, is quantized by the
+  gradient format *reusing the error's own stochastic-rounding noise* and multiplied as codes (unbiased
+  like the simulated product, but another draw). ``input_grad="float32"`` multiplies the dequantized
+  tensors in float32 instead (docs/methods.md#hardware-integer-codes).
 
 Example:
     >>> import torch
@@ -61,7 +62,7 @@ from torch import Tensor, nn
 from ..formats.codes import scale_add_
 from ..formats.rounding import draw_noise
 
-__all__ = ["CODE_KERNELS", "bf16_accumulate_ok", "codes_matmul", "CodesLinear", "CodesConv",
+__all__ = ["CODE_KERNELS", "bf16_accumulate_ok", "codes_matmul", "codes_conv", "CodesLinear", "CodesConv",
            "conv_ok"]
 
 #: The code kernels (module docstring); ``HardwareBackend(codes=...)`` picks one.
@@ -345,7 +346,9 @@ def conv_ok(module: nn.Module) -> bool:
             and not getattr(module, "transposed", False))
 
 
-def _conv(x: Tensor, w: Tensor, geo: tuple, via: str) -> Tensor:
+def codes_conv(x: Tensor, w: Tensor, geo: tuple, via: str) -> Tensor:
+    """``conv(x, w)`` for code tensors as float32 on the code kernel ``via`` (``"bf16"``/``"bf16-out"``);
+    ``geo``: (stride, padding, dilation) lists."""
     stride, padding, dilation = geo
     if via == "bf16":
         return _conv_bf16(x, w, stride, padding, dilation, 1)
@@ -479,7 +482,7 @@ class CodesConv(torch.autograd.Function):
         qx, qw = _fast_layout(qx), _fast_layout(qw)
         x_off, w_off = not aq.fmt.offset_free, not wq.fmt.offset_free
         sw_c, ow_c = _ch(sw, nd), _ch(ow, nd)
-        acc = _conv(qx, qw, geo, via)
+        acc = codes_conv(qx, qw, geo, via)
         add = None if b is None else _ch(b.detach(), nd)
         col = colw = None
         if x_off or w_off:
