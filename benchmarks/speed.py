@@ -423,7 +423,8 @@ def _row(d: dict) -> str:
 
 def table(res: dict) -> str:
     flags = ", ".join(res["machine"]["flags"]) or "unknown"
-    lines = [f"CPU flags: {flags}; AMX: {res.get('kernels', {}).get('amx')}; "
+    lines = (["**Partial run** (stopped before every part had run)", ""] if res.get("partial") else []) + [
+             f"CPU flags: {flags}; AMX: {res.get('kernels', {}).get('amx')}; "
              f"load average at start {res['machine']['load_start']}, at end {res['machine']['load_end']} "
              f"(a shared machine: process CPU time, alternating runs, medians). GPU: {NO_GPU}.", ""]
     k = res.get("kernels", {})
@@ -489,8 +490,17 @@ def main(argv: list[str] | None = None) -> dict:
     threads0 = torch.get_num_threads()
     res: dict[str, Any] = {"machine": {"flags": cpu_flags(), "load_start": load()},
                            "config": {k: v for k, v in vars(args).items()}, "gpu": NO_GPU}
+    def save(final: bool) -> None:
+        # After every part, so that a long run that stops keeps what it measured (marked partial).
+        res["machine"]["load_end"] = load()
+        res["partial"] = not final
+        res["goals"] = goals(res)
+        if not args.no_write:
+            write_results("speed", res, table(res), command_line())
+
     try:
         res["kernels"] = kernels(3 if args.quick else 9) if "kernels" in args.parts else {}
+        save(False)
         setups = {m: Setup(m, args.quick) for m in args.models}
         if "timing" in args.parts:
             res["timing"] = {}
@@ -499,19 +509,17 @@ def main(argv: list[str] | None = None) -> dict:
                     for th in args.threads:
                         res["timing"][f"{m}/{mode}/{th}"] = timing(setups[m], plans, th, mode, args.rounds,
                                                                     args.warmup)
+                        save(False)
         if "accuracy" in args.parts:
             res["accuracy"] = {}
             for m in args.models:
                 steps = args.gpt_steps if m == "gpt" else args.resnet_steps
                 res["accuracy"][m] = accuracy(setups[m], plans, args.seeds, steps, args.epoch_steps)
+                save(False)
     finally:
         torch.set_num_threads(threads0)
-    res["machine"]["load_end"] = load()
-    res["goals"] = goals(res)
-    md = table(res)
-    print(md)
-    if not args.no_write:
-        write_results("speed", res, md, command_line())
+    save(True)
+    print(table(res))
     return res
 
 
