@@ -400,6 +400,9 @@ class Controller:
             # Optional parts of the backend protocol (attach/apply/detach are required).
             if hasattr(self.backend, "set_rng"):
                 self.backend.set_rng(self._rng_key)
+            bind = getattr(self.backend, "bind", None)  # a backend's own report (hardware: route times)
+            if bind is not None:
+                bind(self)
             ref = self.reference or Precision.cpt(8, 8)
             ref_layers = self._constrain(Decision.uniform(ref).resolve(self.layer_names), static=True)
             self.cost = CostMeter(self.layer_names, self.backend.macs, ref, scale=_world_size(),

@@ -30,7 +30,10 @@ aten = torch.ops.aten
 W_FMT, A_FMT, G_FMT = IntFormat(4, per_channel=True), IntFormat(6), IntFormat(8, rounding="stochastic")
 PREC = Precision(W_FMT, A_FMT, G_FMT)  # three distinct widths: every product's roles can be told apart
 
-_MM = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten._int_mm, aten._scaled_mm}
+_MM = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten._int_mm, aten._scaled_mm,
+       torch.ops.adaprec.mm_bf16}  # adaprec's own: a float32 mm of integer codes on bf16 units
+_CONV = {aten.convolution, torch.ops.adaprec.conv_bf16}
+_CONV_BACKWARD = {aten.convolution_backward: 10, torch.ops.adaprec.conv_backward_bf16: 7}  # -> mask index
 _ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: False,
               aten._scaled_dot_product_flash_attention_for_cpu_backward: True}
 _PRODUCT_WORDS = ("mm", "conv", "attention", "matmul", "rnn", "einsum", "dot", "mv", "linear", "lstm", "gru")
@@ -82,11 +85,12 @@ class Products(TorchDispatchMode):
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.addmm_, aten.baddbmm) else args[:2]
             batch = a.shape[0] if a.dim() == 3 else 1
             self._add(batch * a.shape[-2] * a.shape[-1] * b.shape[-1], a, b)
-        elif packet is aten.convolution:
-            self._add(out.numel() * args[1][0].numel(), args[0], args[1])
-        elif packet is aten.convolution_backward:
+        elif packet in _CONV:
+            self._add(out.numel() * args[1][0].numel(),
+                      args[0], args[1])
+        elif packet in _CONV_BACKWARD:
             grad_out, x, w = args[0], args[1], args[2]
-            mask = args[-1]
+            mask = args[_CONV_BACKWARD[packet]]
             macs = grad_out.numel() * w[0].numel()
             if mask[0]:
                 self._add(macs, grad_out, w)

@@ -64,21 +64,34 @@ ALL = set(KERNELS)
     (Precision.uniform("fp8_e4m3"), LIN, ALL,
      Route("fp8", torch.float8_e4m3fn, torch.float8_e4m3fn, grad_quant=True)),
     (Precision.uniform("fp8_e5m2"), LIN, ALL, Route("sim", kernel=False)),  # E5M2 forward: simulated
-    (Precision.cpt(8, 8), LIN, ALL, Route("int8")),
-    (Precision(IntFormat(8), IntFormat(8), FP32()), LIN, ALL, Route("int8")),
-    (Precision.cpt(8, 8), CONV, ALL, Route("sim", kernel=False)),
+    (Precision.cpt(8, 8), LIN, ALL, Route("int8", via="int_mm")),
+    (Precision(IntFormat(8), IntFormat(8), FP32()), LIN, ALL, Route("int8", via="int_mm")),
+    (Precision.cpt(8, 8), CONV, ALL, Route("sim", kernel=False)),      # no conv code kernel given
     (Precision.cpt(9, 8), LIN, ALL, Route("sim", kernel=False)),
     (Precision(IntFormat(8, True), IntFormat(8, True), IntFormat(8)), LIN, ALL, Route("sim", kernel=False)),
     (Precision(IntFormat(8, rounding="stochastic"), IntFormat(8), IntFormat(8)), LIN, ALL,
-     Route("int8")),                                                    # codes carry their own rounding
+     Route("int8", via="int_mm")),                                       # codes carry their own rounding
     (Precision(FloatFormat("bf16"), FloatFormat("bf16"), FP32()), LIN, ALL, Route("sim", kernel=False)),
-    (Precision.fixed_point(8), LIN, ALL, Route("int8")),               # fx8: signed 8-bit codes
+    (Precision.fixed_point(8), LIN, ALL, Route("int8", via="int_mm")),  # fx8: signed 8-bit codes
     (Precision.fixed_point(9), LIN, ALL, Route("sim", kernel=False)),
-    (Precision.cpt(3, 8), LIN, ALL, Route("int8")),                     # every CPT width <= 8
+    (Precision.cpt(3, 8), LIN, ALL, Route("int8", via="int_mm")),       # every CPT width <= 8
     (Precision.fp32(), LIN, ALL, Route("sim", kernel=False)),
 ])
 def test_route_table(prec, module, ok, expect):
     assert route_for(prec, module, ok) == expect
+
+
+@pytest.mark.parametrize("prec, module, codes, conv_codes, expect", [
+    (Precision.cpt(3, 8), LIN, "bf16", "bf16", Route("int8", via="bf16")),
+    (Precision.cpt(3, 8), CONV, "bf16", "bf16", Route("int8", via="bf16")),
+    (Precision.fixed_point(8), CONV, "int_mm", "bf16-out", Route("int8", via="bf16-out")),
+    (Precision.cpt(8, 8), CONV, "int_mm", "int_mm", Route("sim", kernel=False)),   # no int8 convolution
+    (Precision.cpt(8, 8), nn.Conv2d(4, 4, 3, groups=2), "bf16", "bf16", Route("sim", kernel=False)),
+    (Precision.cpt(8, 8), nn.Conv2d(2, 2, 3, padding="same"), "bf16", "bf16", Route("sim", kernel=False)),
+    (Precision.cpt(9, 8), CONV, "bf16", "bf16", Route("sim", kernel=False)),
+])
+def test_code_kernel_routes(prec, module, codes, conv_codes, expect):
+    assert route_for(prec, module, ALL, codes, conv_codes) == expect
 
 
 def test_cpu_kernels_found_and_bad_arguments():
@@ -197,7 +210,9 @@ def test_int8_linear_matches_simulation(per_channel):
     torch.manual_seed(0)
     lin, x = nn.Linear(40, 24), torch.relu(torch.randn(2, 20, 40))
     prec = Precision(IntFormat(8, per_channel=per_channel), IntFormat(8), IntFormat(8, rounding="stochastic"))
-    y, dx, dw, db, calls = _run(HardwareBackend(), prec, lin, x)
+    # input_grad="float32": the simulated numbers for the input gradient too (the default code variant
+    # for per-channel weights is tested in test_speed_routes.py).
+    y, dx, dw, db, calls = _run(HardwareBackend(codes="int_mm", input_grad="float32"), prec, lin, x)
     assert calls == {"l": {"int8": 1}}
     ys, dxs, dws, dbs, _ = _run(SimulatedBackend(), prec, lin, x)
     # Same codes and the same stochastic draws: only float summation order differs.
@@ -205,7 +220,7 @@ def test_int8_linear_matches_simulation(per_channel):
         _close(a, b, 2e-5)
     # A non-int8 error format goes through the simulated gradient quantizer instead.
     prec = Precision(IntFormat(8, per_channel=per_channel), IntFormat(8), FixedPoint(8))
-    y, dx, dw, db, _ = _run(HardwareBackend(), prec, lin, x)
+    y, dx, dw, db, _ = _run(HardwareBackend(codes="int_mm", input_grad="float32"), prec, lin, x)
     ys, dxs, dws, dbs, _ = _run(SimulatedBackend(), prec, lin, x)
     for a, b in ((y, ys), (dx, dxs), (dw, dws), (db, dbs)):
         _close(a, b, 2e-5)
@@ -220,7 +235,7 @@ def test_every_integer_width_up_to_8_runs_on_int8_and_matches_simulation(bits, f
     torch.manual_seed(0)
     lin, x = nn.Linear(40, 24), torch.randn(2, 20, 40)
     prec = Precision.cpt(bits, 8) if family == "cpt" else Precision.fixed_point(bits)
-    y, dx, dw, db, calls = _run(HardwareBackend(), prec, lin, x)
+    y, dx, dw, db, calls = _run(HardwareBackend(codes="int_mm", input_grad="float32"), prec, lin, x)
     assert calls == {"l": {"int8": 1}}
     ys, dxs, dws, dbs, _ = _run(SimulatedBackend(), prec, lin, x)
     for a, b in ((y, ys), (dx, dxs), (dw, dws), (db, dbs)):

@@ -19,7 +19,8 @@ cost                   :attr:`Format.cost_bits` (bits per element incl. scale ov
 storage                :meth:`Format.storage` (the format weights decided in this one are stored in),
                        :attr:`Format.significand_bits`, :attr:`Format.storage_bits`,
                        :meth:`Format.storage_state`, :meth:`Format.round_stored`
-hardware               :attr:`Format.hardware_dtype` (the dtype a real kernel multiplies it in)
+hardware               :attr:`Format.hardware_dtype` (the dtype a real kernel multiplies it in),
+                       :meth:`Format.encode` (integer codes, scale, offset), :attr:`Format.offset_free`
 =====================  ==========================================================================
 
 Adding a format is one module: subclass :class:`Format` (a frozen dataclass), implement the methods
@@ -250,11 +251,24 @@ class Format:
         ``torch.int8`` means: :meth:`encode` gives signed integer codes of at most 8 bits."""
         return None
 
+    @property
+    def offset_free(self) -> bool:
+        """Whether :meth:`encode`'s offset is always zero (a grid symmetric around 0, e.g. fixed point):
+        integer kernels then skip the offset terms."""
+        return False
+
     def encode(self, x: Tensor, p: Tensor, lo: Tensor | None = None, hi: Tensor | None = None,
-               rng: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """Integer codes of ``x`` for integer kernels: ``(codes, scale, offset)`` with ``codes`` float
-        tensors holding signed integers within ``bits`` bits and ``codes * scale + offset`` equal to
-        :meth:`quantize`'s result (``scale``/``offset`` 0-d, or per output channel shaped to broadcast)."""
+               rng: int = 0, *, centered: bool = False, noise: Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """Integer codes of ``x`` for integer kernels: ``(codes, scale, offset)`` with ``codes * scale +
+        offset`` equal to :meth:`quantize`'s result (``scale``/``offset`` 0-d, or per output channel shaped
+        to broadcast), ``codes`` of ``dtype`` holding integers.
+
+        Codes are signed ``bits``-bit integers (they fit the ``hardware_dtype``); ``centered=True`` may
+        shift them by a per-tensor (per-channel) integer so that the offset is as small as possible, at
+        up to one more bit of magnitude (still exact in bf16 for ``bits <= 8``: see :meth:`exact_in`).
+        ``noise``: ready-drawn stochastic-rounding noise (:func:`~adaprec.formats.rounding.draw_noise`),
+        so that two encodings can share one draw; otherwise a stochastic format draws from ``rng``."""
         raise NotImplementedError(f"{self.short()} has no integer codes")
 
 

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from .base import Format, check_bits, check_rounding, register_format
+from .codes import fixed_point_codes, tensor_range
 from .integer import integer_exact_in
-from .rounding import round_
+from .rounding import draw_noise, round_
 
 __all__ = ["FixedPoint", "fixed_codes", "fixed_quantize", "FL_MIN", "FL_MAX"]
 
@@ -39,17 +40,23 @@ __all__ = ["FixedPoint", "fixed_codes", "fixed_quantize", "FL_MIN", "FL_MAX"]
 FL_MIN, FL_MAX = -90.0, 90.0
 
 
-def fixed_codes(x: Tensor, half: Tensor, stochastic: bool = False, rng: int = 0) -> tuple[Tensor, Tensor]:
-    """The signed codes ``q`` (float, ``-half..half-1``) of ``x`` and ``up = 2^s``: ``q / up`` is the value.
-
-    The one place MuPPET's scale rule lives (simulated kernel and hardware integer kernels use it).
-    """
-    mn, mx = torch.aminmax(x.detach())
+def fixed_up(x: Tensor, half: Tensor) -> Tensor:
+    """``2^s``: MuPPET's power-of-two scale of ``x`` for ``half = 2^(WL-1)`` (the one home of the rule)."""
+    mn, mx = tensor_range(x)
     ratio = torch.minimum(((half - 0.5) / mx).abs(), ((-half - 0.5) / mn).abs())
     s = torch.floor(torch.log2(ratio))
     # All-zero tensors give s = inf; keep the scale representable in float32 either way.
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s)).clamp(-126.0, 126.0)
-    up = torch.exp2(s)
+    return torch.exp2(s)
+
+
+def fixed_codes(x: Tensor, half: Tensor, stochastic: bool = False, rng: int = 0) -> tuple[Tensor, Tensor]:
+    """The signed codes ``q`` (float, ``-half..half-1``) of ``x`` and ``up = 2^s``: ``q / up`` is the value.
+
+    The simulated kernel uses it; :meth:`FixedPoint.encode` runs the same operations fused
+    (:func:`adaprec.formats.codes.fixed_point_codes`).
+    """
+    up = fixed_up(x, half)
     q = round_(torch.mul(x.detach(), up), stochastic, rng)
     return q.clamp_max_(half - 1.0).clamp_min_(-half), up
 
@@ -210,8 +217,17 @@ class FixedPoint(Format):
     def hardware_dtype(self) -> torch.dtype | None:
         return torch.int8 if self.bits <= 8 else None
 
+    @property
+    def offset_free(self) -> bool:
+        return True
+
     def encode(self, x: Tensor, p: Tensor, lo: Tensor | None = None, hi: Tensor | None = None,
-               rng: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """Signed codes with ``scale = 2^-s`` and no offset."""
-        q, up = fixed_codes(x, p[0], self.stochastic, rng)
-        return q, up.reciprocal(), torch.zeros((), dtype=x.dtype, device=x.device)
+               rng: int = 0, *, centered: bool = False, noise: Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """Signed codes with ``scale = 2^-s`` and no offset (``centered`` changes nothing)."""
+        half = p[0]
+        up = fixed_up(x, half)
+        if self.stochastic and noise is None:
+            noise = draw_noise(x, rng)
+        q = fixed_point_codes(x.detach(), up, half, noise if self.stochastic else None, dtype)
+        return q, up.reciprocal(), torch.zeros((), dtype=torch.float32, device=x.device)

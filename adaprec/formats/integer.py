@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .base import Format, check_bits, check_rounding, register_format
-from .rounding import round_
+from .codes import affine_codes, tensor_range
+from .rounding import draw_noise, round_
 
 __all__ = ["IntFormat", "batch_range", "int_codes", "int_quantize"]
 
@@ -32,18 +33,24 @@ def batch_range(x: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
         mn, mx = torch.aminmax(x.detach().reshape(x.shape[0], -1), dim=1)
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         return mn.reshape(shape), mx.reshape(shape)
-    return torch.aminmax(x.detach())
+    return tensor_range(x)
+
+
+def int_scale(qmax: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The grid step ``max((hi - lo) / qmax, 1e-8)``."""
+    return ((hi - lo) / qmax).clamp_min(1e-8)
 
 
 def int_codes(x: Tensor, qmax: Tensor, lo: Tensor, hi: Tensor, stochastic: bool = False, rng: int = 0,
               clamp_low: bool = True) -> tuple[Tensor, Tensor]:
     """The grid codes ``q`` (float, ``0..qmax``) of ``x`` and the ``scale``: ``q * scale + lo`` is the value.
 
-    The one place this grid's arithmetic lives: the simulated kernel and the hardware backend's integer
-    kernels both use it, so they agree bit for bit. ``clamp_low=False`` skips the lower clamp when
-    ``lo`` is ``x``'s own minimum (then ``x - lo >= 0`` and ``floor(v + r) >= 0`` already).
+    The one place this grid's arithmetic lives: the simulated kernel uses it, and
+    :meth:`IntFormat.encode` runs the same operations (:func:`adaprec.formats.codes.affine_codes`), so
+    the hardware backend's integer kernels agree with it bit for bit. ``clamp_low=False`` skips the
+    lower clamp when ``lo`` is ``x``'s own minimum (then ``x - lo >= 0`` and ``floor(v + r) >= 0``).
     """
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    scale = int_scale(qmax, lo, hi)
     q = round_(torch.sub(x.detach(), lo).div_(scale), stochastic, rng)
     if clamp_low:
         q = q.clamp_min_(0.0)
@@ -169,14 +176,27 @@ class IntFormat(Format):
         return torch.int8 if self.bits <= 8 else None
 
     def encode(self, x: Tensor, p: Tensor, lo: Tensor | None = None, hi: Tensor | None = None,
-               rng: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """Codes ``q - 2^(b-1)`` (signed, ``b`` bits) with ``scale`` and ``offset = min + 2^(b-1) scale``."""
+               rng: int = 0, *, centered: bool = False, noise: Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """Codes ``q - shift`` with ``scale`` and ``offset = min + shift * scale`` (``q`` the grid index).
+
+        ``shift = 2^(b-1)`` (signed ``b``-bit codes), or with ``centered=True`` the grid index nearest to
+        zero, so that ``|offset| <= scale / 2`` whenever the range holds 0 (codes within
+        ``±(2^b - 1)``).
+        """
         given = lo is not None and hi is not None
         if not given:
             lo, hi = batch_range(x, self.per_channel)
-        q, scale = int_codes(x, p[0], lo, hi, self.stochastic, rng, clamp_low=given)
-        shift = float(2 ** (self.bits - 1))
-        return q.sub_(shift), scale, lo + shift * scale
+        qmax = p[0]
+        scale = int_scale(qmax, lo, hi)
+        if centered:
+            shift = torch.minimum(torch.round(torch.neg(lo) / scale).clamp_min(0.0), qmax)
+        else:
+            shift = (qmax + 1.0) * 0.5
+        if self.stochastic and noise is None:
+            noise = draw_noise(x, rng)
+        q = affine_codes(x.detach(), lo, scale, qmax, shift, noise if self.stochastic else None, given, dtype)
+        return q, scale, lo + shift * scale
 
 
 def integer_exact_in(bits: int, magnitude_bits: int) -> dict[str, int]:

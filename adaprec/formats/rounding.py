@@ -37,10 +37,10 @@ import torch
 from torch import Tensor
 
 __all__ = ["RoundingRNG", "register_rng", "unregister_rng", "generator", "add_uniform_noise_", "round_",
-           "uniform_like"]
+           "uniform_like", "draw_noise", "round_with", "NOISE_SCALE", "NOISE_OFFSET"]
 
-_NOISE_SCALE = 2.0**-16
-_NOISE_OFFSET = 0.5 + 2.0**-17  # int16 lanes are -2^15..2^15-1: shift them to (u + 0.5) / 2^16
+_NOISE_SCALE = NOISE_SCALE = 2.0**-16
+_NOISE_OFFSET = NOISE_OFFSET = 0.5 + 2.0**-17  # int16 lanes are -2^15..2^15-1: shift to (u + 0.5) / 2^16
 
 
 class RoundingRNG:
@@ -196,3 +196,47 @@ def round_(v: Tensor, stochastic: bool, rng: int = 0) -> Tensor:
             return _sr_floor(v, rng)
         return add_uniform_noise_(v, rng).floor_()
     return v.round_()
+
+
+def _noise_f32_impl(like: Tensor, rng: int) -> Tensor:
+    n = like.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    words.random_(-(2**63), None, generator=generator(rng, like.device))
+    # Converted flat, in memory order, then laid out like `like` (the same lanes _noise_lanes_impl gives).
+    return words.view(torch.int16)[:n].to(torch.float32).as_strided(like.shape, _lanes_stride(like))
+
+
+# The same lanes as float32 values, from one opaque op: compiled code that consumes int16 lanes is not
+# vectorized by Inductor (the int16 load blocks it; measured ~4x slower), float32 lanes are.
+try:
+    _noise_f32 = torch.library.custom_op("adaprec::noise_lanes_f32", _noise_f32_impl, mutates_args=(),
+                                         tags=(torch.Tag.nondeterministic_seeded,))
+except TypeError:  # torch < 2.5: no tags argument
+    _noise_f32 = torch.library.custom_op("adaprec::noise_lanes_f32", _noise_f32_impl, mutates_args=())
+_noise_f32.register_fake(lambda like, rng: like.new_empty_strided(like.shape, _lanes_stride(like),
+                                                                  dtype=torch.float32))
+
+
+def draw_noise(like: Tensor, rng: int = 0) -> Tensor:
+    """The stochastic-rounding noise :func:`round_` would draw now for a tensor shaped and laid out like
+    ``like``, drawn ahead so that several roundings can share it (:func:`round_with`).
+
+    On the CPU these are the 16-bit lanes as float32 (``-2^15 .. 2^15 - 1``); elsewhere ``U(0, 1)``.
+    ``round_with(v, draw_noise(v, rng))`` equals ``round_(v, True, rng)`` bit for bit. In eager mode on the
+    CPU the result lives in a per-thread scratch buffer: use it before the next draw on the thread.
+    """
+    if like.device.type != "cpu":
+        return uniform_like(like, rng)
+    if torch.compiler.is_compiling():
+        return _noise_f32(like, rng)
+    # Eager: the lanes converted into the per-thread scratch buffer, as add_uniform_noise_ does (valid
+    # until the next draw on this thread; a fresh activation-sized tensor costs page faults).
+    return _lanes_as_float(_noise_lanes_impl(like, rng))
+
+
+def round_with(v: Tensor, noise: Tensor) -> Tensor:
+    """Round ``v`` stochastically with noise from :func:`draw_noise` (in place in eager mode)."""
+    if v.device.type != "cpu":
+        return v.add_(noise).floor_()
+    # The same two additions as add_uniform_noise_: the lane product is exact, so fused code agrees.
+    return v.add_(noise, alpha=_NOISE_SCALE).add_(_NOISE_OFFSET).floor_()

@@ -3,7 +3,9 @@
 The rule (docs/methods.md#muppet-rule), with every constant a parameter:
 
 * The ladder is ``levels`` — by default 8, 12, 14 and 16-bit dynamic fixed point for weights,
-  activations and gradients (:meth:`Precision.fixed_point`), then FP32 (quantization off).
+  activations and gradients (:meth:`Precision.fixed_point`), then FP32 (quantization off). On
+  ``backend="hardware"`` the default is that backend's ladder, every level on a real kernel:
+  ``fx8`` (integer codes) -> bf16 -> FP32 (docs/methods.md#hardware-ladder).
 * :class:`~adaprec.observers.GradientDiversity` stores the last minibatch gradient of every epoch; at
   the last epoch ``j`` of each window of ``resolution`` absolute epochs it gives ``Δ_j``, the unweighted
   mean over parameter tensors of Yin's diversity over the window.
@@ -133,7 +135,8 @@ class MuPPET(Policy):
     """Multi-precision training driven by inter-epoch gradient diversity (see the module docstring).
 
     Args:
-        levels: the ladder, lowest first (ints are fixed-point word lengths; see :func:`level_precision`).
+        levels: the ladder, lowest first (ints are fixed-point word lengths; see :func:`level_precision`);
+            ``None`` (default): the backend's own ladder when it has one, else :data:`DEFAULT_LEVELS`.
         resolution: epochs per diversity window (``r``); with ``check_every``, gradients per window.
         patience: violations that trigger a switch (``y``).
         alpha, beta, lam: the threshold ``T(j) = alpha + beta * exp(-lam * j)``.
@@ -160,28 +163,14 @@ class MuPPET(Policy):
 
     name = "muppet"
 
-    def __init__(self, levels: Any = DEFAULT_LEVELS, resolution: int = 3, patience: int = 2,
+    def __init__(self, levels: Any = None, resolution: int = 3, patience: int = 2,
                  alpha: float = 1.0, beta: float = 1.5, lam: float = 0.1, per_layer: bool = False,
                  max_epochs_per_level: int | None = None, check_every: int | None = None,
                  capture: str = "reference") -> None:
-        if isinstance(levels, str | int) or not hasattr(levels, "__iter__"):
-            raise TypeError(f"levels must be a sequence of levels, e.g. (8, 12, 14, 16, 'fp32'), "
-                            f"got {levels!r}")
-        self.levels = tuple(levels)
-        if not self.levels:
-            raise ValueError("levels must hold at least one level")
-        precs = []
-        for i, spec in enumerate(self.levels):
-            try:
-                precs.append(level_precision(spec))
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"levels[{i}]: {exc}") from None
-        costs = [p.relative_cost() for p in precs]
-        for i in range(1, len(costs)):
-            if costs[i] < costs[i - 1]:
-                raise ValueError(f"levels must climb (never get cheaper): level {i} ({precs[i].short()}) has "
-                                 f"fewer bits than level {i - 1} ({precs[i - 1].short()})")
-        self._precisions = precs
+        #: ``levels=None``: the backend's ladder once attached (``backend.muppet_levels``, e.g. the hardware
+        #: backend's fx8 -> bf16 -> fp32), else :data:`DEFAULT_LEVELS`.
+        self.default_levels = levels is None
+        self._set_levels(DEFAULT_LEVELS if levels is None else levels)
         self.resolution = _check_int("resolution", resolution, 1 if check_every is None else 2)
         self.patience = _check_int("patience", patience, 1)
         self.alpha = _check_number("alpha", alpha)
@@ -202,6 +191,27 @@ class MuPPET(Policy):
         self.ctl = None
         self._reset([])
 
+    def _set_levels(self, levels: Any) -> None:
+        if isinstance(levels, str | int) or not hasattr(levels, "__iter__"):
+            raise TypeError(f"levels must be a sequence of levels, e.g. (8, 12, 14, 16, 'fp32'), "
+                            f"got {levels!r}")
+        levels = tuple(levels)
+        if not levels:
+            raise ValueError("levels must hold at least one level")
+        precs = []
+        for i, spec in enumerate(levels):
+            try:
+                precs.append(level_precision(spec))
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"levels[{i}]: {exc}") from None
+        costs = [p.relative_cost() for p in precs]
+        for i in range(1, len(costs)):
+            if costs[i] < costs[i - 1]:
+                raise ValueError(f"levels must climb (never get cheaper): level {i} ({precs[i].short()}) has "
+                                 f"fewer bits than level {i - 1} ({precs[i - 1].short()})")
+        self.levels = levels
+        self._precisions = precs
+
     # --- configuration --------------------------------------------------------------------------
     def threshold(self, j: float) -> float:
         return muppet_threshold(j, self.alpha, self.beta, self.lam)
@@ -212,7 +222,8 @@ class MuPPET(Policy):
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
-            "levels": [lv for lv in self.levels], "resolution": self.resolution, "patience": self.patience,
+            "levels": None if self.default_levels else [lv for lv in self.levels],
+            "resolution": self.resolution, "patience": self.patience,
             "alpha": self.alpha, "beta": self.beta, "lam": self.lam, "per_layer": self.per_layer,
         }
         if self.max_epochs_per_level is not None:
@@ -249,6 +260,8 @@ class MuPPET(Policy):
         from ..timemodel import TrainingTimeModel, attach_time_model
 
         self.ctl = ctl
+        if self.default_levels:
+            self._set_levels(getattr(ctl.backend, "muppet_levels", None) or DEFAULT_LEVELS)
         self._reset(list(ctl.layer_names) if self.per_layer else [_GLOBAL])
         if self.check_every is None:
             self.observer = GradientDiversity(self.resolution, capture=self.capture)

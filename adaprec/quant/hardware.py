@@ -27,21 +27,22 @@ route      when (all conditions)                                  what runs
 (emul.)    device (CUDA: every dim of the product a multiple of   product in float32 (``fp8`` is decided
            16), ``_scaled_mm`` is missing, or the layer is a      per call, by shape; convs always
            convolution                                            emulate)
-``int8``   Linear; weight and activation formats with integer     ``torch._int_mm`` on the formats'
-           codes of <= 8 bits (CPT's min-max grid ``int2``..      integer codes (:meth:`Format.encode`),
-           ``int8``, fixed point ``fx2``..``fx8``), either       zero points folded in exactly.
-           rounding; activation per tensor; any gradient format;  Backward: the error is quantized by
-           ``_int_mm`` runs on the device. Per call, CUDA         the gradient format; the weight
-           needs M > 16 and K, N multiples of 8 (else the same    gradient uses ``_int_mm`` when the
-           codes multiply in float32)                             error has <= 8-bit per-tensor codes
-                                                                  (else float32); the input gradient
-                                                                  multiplies in float32, because the
-                                                                  weight's per-channel scales run
-                                                                  along that product's reduction
+``int8``   Linear or Conv1d/2d/3d (one group, numeric zero        the integer codes of the formats
+           padding); weight and activation formats with integer   (:meth:`Format.encode`) multiplied on a
+           codes of <= 8 bits (CPT's min-max grid ``int2``..      *code kernel* (``via``): ``int_mm``
+           ``int8``, fixed point ``fx2``..``fx8``), either        (``torch._int_mm``, Linear only),
+           rounding; activation per tensor; any gradient format;  ``bf16`` (bf16 products, float32
+           the code kernel runs on the device (see                results: exact) or ``bf16-out``
+           :class:`HardwareBackend`'s ``codes``). Per call,       (result rounded to bf16); offsets
+           CUDA's ``_int_mm`` needs M > 16 and K, N multiples     folded in exactly. All three products
+           of 8 (else the same codes multiply in float32)         on codes; the input gradient with
+                                                                  per-channel weight scales is a
+                                                                  documented variant
+                                                                  (:mod:`adaprec.quant.intcodes`)
 ``sim``    everything else: other widths and formats (int and    the simulated backend's fake
            fixed point > 8 bits, block-scaled, stochastic fwd.,   quantization, exactly as with
-           mixed roles), LSTM/GRU/RNN/MultiheadAttention, a       ``backend="simulated"``
-           route whose kernel the device lacks (except fp8)
+           mixed roles), LSTM/GRU/RNN/MultiheadAttention, a       ``backend="simulated"`` (layers in
+           route whose kernel the device lacks (except fp8)       FP32 run their own forward)
 =========  =====================================================  =====================================
 
 FP8 means *scaled* FP8 everywhere, as FP8 training is done on real hardware: each tensor is divided by
@@ -57,8 +58,9 @@ Which kernels exist is found by running each one once on the model's device at `
 on the CPU ``bfloat16``/``float16`` matmuls and convolutions, ``torch._scaled_mm`` and ``torch._int_mm``
 all run, without shape restrictions). ``strict_shapes`` (default: on for CUDA only) applies the CUDA
 shape rules anyway. A route change is a change of the traced program: under ``torch.compile`` each
-route compiles once (at most five variants per layer); bit-width changes *within* the ``sim`` route
-still never recompile (DESIGN.md contract 3). Scales are tensors: no host sync per step.
+route compiles once (at most five variants per layer); bit-width changes *within* a route (``sim``, or
+CPT's widths 2..8 on ``int8``) never recompile (DESIGN.md contract 3). Scales are tensors: no host sync
+per step. Which code kernel ``int8`` uses, and why, is in docs/methods.md#hardware-integer-codes.
 
 Example:
     >>> import torch
@@ -84,9 +86,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats import FloatFormat, Precision, parse_format, run_kernel
+from ..formats import FloatFormat, Precision, parse_format
 from ..formats.floating import scaled_codes
 from .attach import SITE
+from .intcodes import CODE_KERNELS, CodesConv, CodesLinear, bf16_accumulate_ok, conv_ok
 from .simulated import SimulatedBackend
 from .site import LayerSite
 
@@ -107,7 +110,8 @@ class Route:
     ``kind``: ``"sim"``, ``"lowp"``, ``"fp8"`` or ``"int8"``; ``dtype``: the forward dtype (lowp, fp8);
     ``grad_dtype``: the FP8 error dtype; ``grad_quant``: whether the error first goes through the
     simulated gradient quantizer (stochastic rounding, fp16 saturation); ``kernel``: whether a real
-    kernel runs (``False``: the same numbers, emulated in float32).
+    kernel runs (``False``: the same numbers, emulated in float32); ``via``: the ``int8`` route's code
+    kernel (:data:`~adaprec.quant.intcodes.CODE_KERNELS`).
 
     Example:
         >>> route_for(hardware_precision("bf16"), torch.nn.Linear(2, 2), {"bf16"}).kind
@@ -119,6 +123,7 @@ class Route:
     grad_dtype: torch.dtype | None = None
     grad_quant: bool = False
     kernel: bool = True
+    via: str | None = None
 
 
 _SIM = Route("sim", kernel=False)
@@ -146,8 +151,13 @@ def hardware_precision(name: str) -> Precision:
     raise ValueError(f"unknown hardware precision {name!r}; known: ['fp8', 'bf16', 'fp16', 'int8', 'fp32']")
 
 
-def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> Route:
+def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str], codes: str | None = None,
+              conv_codes: str | None = None) -> Route:
     """The route of one layer at precision ``prec`` when the kernels ``kernels_ok`` run on its device.
+
+    ``codes``/``conv_codes``: the code kernel Linear layers / convolutions multiply integer codes with
+    (:data:`~adaprec.quant.intcodes.CODE_KERNELS`; ``None``: ``"int_mm"`` for Linear layers when the
+    ``int8`` kernel runs, no code route for convolutions). The backend passes what it chose at attach.
 
     Example:
         >>> lin = torch.nn.Linear(4, 4)
@@ -155,6 +165,8 @@ def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> 
         False
         >>> [route_for(Precision.cpt(b, 8), lin, {"int8"}).kind for b in (8, 3, 12)]
         ['int8', 'int8', 'sim']
+        >>> route_for(Precision.cpt(4, 8), torch.nn.Conv2d(2, 2, 3), {"bf16"}, conv_codes="bf16").via
+        'bf16'
     """
     ok = set(kernels_ok)
     is_linear = isinstance(module, nn.Linear)
@@ -174,9 +186,18 @@ def route_for(prec: Precision, module: nn.Module, kernels_ok: Iterable[str]) -> 
         kernel = is_linear and "fp8" in ok
         return Route("fp8", wd, gd, grad_quant=g.stochastic, kernel=kernel)
     # Integer codes carry the format's own rounding (nearest or stochastic, e.g. MuPPET's fixed point).
-    if is_linear and "int8" in ok and wd is torch.int8 and ad is torch.int8 and not a.per_channel:
-        return Route("int8")
+    if wd is torch.int8 and ad is torch.int8 and not a.per_channel:
+        if is_linear:
+            via = codes if codes is not None else ("int_mm" if "int8" in ok else None)
+        else:
+            via = conv_codes if conv_codes != "int_mm" and conv_ok(module) else None
+        if via is not None and _codes_runnable(via, ok):
+            return Route("int8", via=via)
     return _SIM
+
+
+def _codes_runnable(via: str, ok: set[str]) -> bool:
+    return ("int8" if via == "int_mm" else "bf16") in ok
 
 
 # --- kernel probes ---------------------------------------------------------------------------------
@@ -324,87 +345,15 @@ class _ScaledFP8Grad(torch.autograd.Function):
         return q, None, None, None
 
 
-# --- INT8 ------------------------------------------------------------------------------------------
-
-def _affine_mm(qa: Tensor, sa: Tensor, za: Tensor, qb: Tensor, sb: Tensor, zb: Tensor,
-               kernel: bool) -> Tensor:
-    """``(sa*qa + za) @ (sb*qb + zb)`` for int8 codes; ``sa, za`` per row of ``a`` (or scalars),
-    ``sb, zb`` per column of ``b`` (or scalars): the integer product plus exact zero-point terms."""
-    if kernel:
-        acc = torch._int_mm(qa, qb).float()
-    else:
-        acc = qa.float() @ qb.float()
-    ra = qa.sum(1, keepdim=True, dtype=torch.float32)
-    rb = qb.sum(0, keepdim=True, dtype=torch.float32)
-    return (sa * sb) * acc + (sa * zb) * ra + (za * sb) * rb + (qa.shape[1] * za) * zb
-
-
-def _int_ok(m: int, k: int, n: int, strict: bool) -> bool:
-    return not strict or (m > 16 and k % 8 == 0 and n % 8 == 0)
-
-
-class _Int8Linear(torch.autograd.Function):
-    """``y = x_q w_q^T + b`` through ``torch._int_mm`` on the formats' integer codes (any format with
-    ``hardware_dtype`` int8: CPT's min-max grid of <= 8 bits, fixed point of <= 8 bits), zero points folded
-    in exactly; the backward quantizes the error like the simulated gradient quantizer and feeds the same
-    quantized error to all three gradients."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, lo, hi, wq, aq, gq, strict):  # noqa: D102
-        qx, sx, zx = aq.fmt.encode(x, aq.p, lo, hi, aq.rng)
-        qw, sw, zw = wq.fmt.encode(w, wq.p, rng=wq.rng)
-        cx, cw = qx.to(torch.int8), qw.to(torch.int8)
-        m, k = cx.shape
-        n = cw.shape[0]
-        sw_row, zw_row = sw.reshape(1, -1) if sw.dim() else sw, zw.reshape(1, -1) if zw.dim() else zw
-        y = _affine_mm(cx, sx, zx, cw.t(), sw_row, zw_row, kernel=_int_ok(m, k, n, strict))
-        if b is not None:
-            y = y + b
-        # The error format as it is now (format and numbers): the controller may refill the quantizer in
-        # place before ``loss.backward()`` runs.
-        ctx.save_for_backward(cx, sx, zx, cw, sw, zw, gq.p.clone())
-        ctx.gfmt, ctx.grng = gq.fmt, gq.rng
-        ctx.strict, ctx.has_bias = strict, b is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: D102
-        _no_create_graph("int8")
-        cx, sx, zx, cw, sw, zw, gp = ctx.saved_tensors
-        g = g.contiguous()
-        gfmt = ctx.gfmt
-        codes = None
-        if gfmt.hardware_dtype is torch.int8 and not gfmt.per_channel:
-            q, sg, zg = gfmt.encode(g, gp, rng=ctx.grng)
-            gdeq = q * sg + zg
-            codes = q.to(torch.int8)
-        else:
-            gdeq = run_kernel(type(gfmt).kernel, g, gp, gfmt.kernel_spec(), None, None, -1, ctx.grng)
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = gdeq @ (cw.float() * sw + zw)
-        if ctx.needs_input_grad[1]:
-            m, k = cx.shape
-            n = cw.shape[0]
-            if codes is not None:
-                gw = _affine_mm(codes.t().contiguous(), sg, zg, cx.t().contiguous().t(), sx, zx,
-                                kernel=_int_ok(n, m, k, ctx.strict))
-            else:
-                gw = gdeq.t() @ (cx.float() * sx + zx)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gdeq.sum(0)
-        return gx, gw, gb, None, None, None, None, None, None
-
-
 # --- the instance forwards -------------------------------------------------------------------------
 
 class _HwLayer:
     """One layer's hardware state: its site, its two routes, and how its forwards ran."""
 
-    __slots__ = ("site", "module", "train", "eval", "strict", "calls")
+    __slots__ = ("site", "module", "train", "eval", "strict", "calls", "input_grad")
 
-    def __init__(self, site: LayerSite, module: nn.Module, strict: bool) -> None:
-        self.site, self.module, self.strict = site, module, strict
+    def __init__(self, site: LayerSite, module: nn.Module, strict: bool, input_grad: str) -> None:
+        self.site, self.module, self.strict, self.input_grad = site, module, strict, input_grad
         self.train = self.eval = _SIM
         self.calls: dict[str, int] = {}
 
@@ -452,19 +401,29 @@ class _HwLayer:
             y = _FP8Linear.apply(x2, m.weight, m.bias, route.dtype, route.grad_dtype, gp, kernel,
                                  roles.gradient.rng)
         else:  # int8
-            self.tally("int8" if _int_ok(x2.shape[0], k, n, self.strict) else "int8-emulated")
-            lo = hi = None
-            if roles.activation.ranged:
-                lo, hi = roles.activation._range(x2, training, not self.site.recomputing)
-            y = _Int8Linear.apply(x2, m.weight, m.bias, lo, hi, roles.weight, roles.activation,
-                                  roles.gradient, self.strict)
+            emulated = route.via == "int_mm" and self.strict and not _int_ok(x2.shape[0], k, n)
+            self.tally("int8-emulated" if emulated else "int8")
+            lo, hi = self._act_range(roles, x2, training)
+            y = CodesLinear.apply(x2, m.weight, m.bias, lo, hi, roles.activation, roles.weight,
+                                  roles.gradient, route.via, self.strict, self.input_grad)
         return y.reshape(*lead, n)
+
+    def _act_range(self, roles, x: Tensor, training: bool) -> tuple[Tensor | None, Tensor | None]:
+        if roles.activation.ranged:  # running range (EMA) in eval, folded in from training batches
+            return roles.activation._range(x, training, not self.site.recomputing)
+        return None, None
 
     def _conv(self, route: Route, roles, x: Tensor, training: bool) -> Tensor:
         m = self.module
         if route.kind == "lowp":
             self.tally("lowp")
             return self._lowp(route, roles, m._conv_forward, x)
+        if route.kind == "int8":
+            self.tally("int8")
+            lo, hi = self._act_range(roles, x, training)
+            geo = (list(m.stride), list(m.padding), list(m.dilation))
+            return CodesConv.apply(x, m.weight, m.bias, lo, hi, roles.activation, roles.weight,
+                                   roles.gradient, route.via, geo, self.input_grad)
         # fp8 on a convolution: scaled FP8 numbers, product in float32.
         self.tally("fp8-emulated")
         xq = _FakeScaledFP8.apply(x, route.dtype)
@@ -477,6 +436,11 @@ class _HwLayer:
 
 
 _EMPTY = torch.empty(0)
+
+
+def _int_ok(m: int, k: int, n: int) -> bool:
+    """CUDA's ``_int_mm`` shape rules."""
+    return m > 16 and k % 8 == 0 and n % 8 == 0
 
 
 def _hw_forward(self: nn.Module, *args: Tensor, **kwargs: Tensor) -> Tensor:
@@ -508,9 +472,18 @@ class HardwareBackend(SimulatedBackend):
             runs on the model's device. Naming one that does not run there is an error at attach.
         strict_shapes: apply the CUDA shape rules of ``_scaled_mm`` / ``_int_mm`` per call
             (falling back to the same numbers in float32); ``None``: only on CUDA devices.
+        codes: the code kernel of the ``int8`` route (:data:`~adaprec.quant.intcodes.CODE_KERNELS`):
+            ``"auto"`` (default) takes ``"bf16"`` on CPUs with AMX (where oneDNN's bf16 products beat
+            ``_int_mm``, measured) and ``"int_mm"`` elsewhere for Linear layers, and ``"bf16"`` for
+            convolutions where bf16 products with float32 results run (the CPU); ``"int_mm"``,
+            ``"bf16"`` or ``"bf16-out"`` choose one (convolutions take ``"bf16"`` with ``"int_mm"``).
+        input_grad: how the ``int8`` route computes the input gradient: ``"codes"`` (default; exact for
+            per-tensor weight scales, the documented variant for per-channel ones) or ``"float32"``
+            (dequantized tensors multiplied in float32, the simulated backend's numbers).
 
     See the module docstring for the routing table. ``routes()`` shows each layer's current
-    (training, evaluation) routes; ``calls()`` counts, per layer, how forwards actually ran.
+    (training, evaluation) routes; ``calls()`` counts, per layer, how forwards actually ran. Inside a
+    :class:`~adaprec.Controller`, ``ctl.report()["route_time"]`` gives the step times per route.
 
     Example:
         >>> import torch
@@ -526,7 +499,8 @@ class HardwareBackend(SimulatedBackend):
 
     name = "hardware"
 
-    def __init__(self, kernels: Iterable[str] | None = None, strict_shapes: bool | None = None) -> None:
+    def __init__(self, kernels: Iterable[str] | None = None, strict_shapes: bool | None = None,
+                 codes: str = "auto", input_grad: str = "codes") -> None:
         super().__init__()
         if kernels is not None:
             if isinstance(kernels, str):
@@ -537,11 +511,21 @@ class HardwareBackend(SimulatedBackend):
                 raise ValueError(f"unknown kernel families {bad}; allowed: {list(KERNELS)}")
         if strict_shapes is not None and not isinstance(strict_shapes, bool):
             raise TypeError(f"strict_shapes must be True, False or None, got {strict_shapes!r}")
+        if codes != "auto" and codes not in CODE_KERNELS:
+            raise ValueError(f"codes must be 'auto' or one of {list(CODE_KERNELS)}, got {codes!r}")
+        if input_grad not in ("codes", "float32"):
+            raise ValueError(f"input_grad must be 'codes' or 'float32', got {input_grad!r}")
         self.requested = None if kernels is None else frozenset(kernels)
         self.strict_shapes = strict_shapes
+        self.codes_requested = codes
+        self.input_grad = input_grad
         self.kernels: frozenset[str] = frozenset()
+        self.codes: str | None = None
+        self.conv_codes: str | None = None
         self._hw: dict[str, _HwLayer] = {}
         self._strict = False
+        self._signature = "sim"
+        self._timer: _RouteTimer | None = None
 
     def attach(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
         device = next(model.parameters()).device
@@ -550,6 +534,7 @@ class HardwareBackend(SimulatedBackend):
             raise RuntimeError(f"kernels {sorted(self.requested - found)} do not run on {device}; "
                                f"available there: {sorted(found)}")
         self.kernels = found if self.requested is None else self.requested
+        self.codes, self.conv_codes = _choose_codes(self.codes_requested, self.kernels, device)
         self._strict = device.type == "cuda" if self.strict_shapes is None else self.strict_shapes
         names = super().attach(model, layers)
         for name, site in self.sites.items():
@@ -562,8 +547,12 @@ class HardwareBackend(SimulatedBackend):
         # subclass's, another library's instance forward) is simulated around it by the hooks.
         if not _stock_forward(module):
             return super()._forward_for(module, site)  # LSTM/GRU/RNN: the layer table's quantized forward
-        site.backend = _HwLayer(site, module, self._strict)
+        site.backend = _HwLayer(site, module, self._strict, self.input_grad)
         return _hw_forward
+
+    def route_for(self, prec: Precision, module: nn.Module) -> Route:
+        """The route ``module`` takes at ``prec`` with this backend's kernels (after attach)."""
+        return route_for(prec, module, self.kernels, self.codes, self.conv_codes)
 
     def apply(self, train: dict[str, Precision], eval: dict[str, Precision] | None = None) -> None:
         super().apply(train, eval)
@@ -572,7 +561,8 @@ class HardwareBackend(SimulatedBackend):
             if hw is None:
                 continue
             ev = prec if eval is None else eval.get(name, prec)
-            hw.set_routes(route_for(prec, hw.module, self.kernels), route_for(ev, hw.module, self.kernels))
+            hw.set_routes(self.route_for(prec, hw.module), self.route_for(ev, hw.module))
+        self._signature = _signature(self.routes(), {n: p.is_fp32 for n, p in train.items()})
 
     def detach(self) -> None:
         self._hw.clear()
@@ -584,6 +574,94 @@ class HardwareBackend(SimulatedBackend):
         return {n: (self._hw[n].train, self._hw[n].eval) if n in self._hw else (_SIM, _SIM)
                 for n in self.sites}
 
+    def route_signature(self) -> str:
+        """The training routes in force, e.g. ``"int8:bf16+sim"`` (what ``route_time`` groups steps by)."""
+        return self._signature
+
     def calls(self) -> dict[str, dict[str, int]]:
         """How each layer's eager forwards ran so far: ``{"fp8": 12, "fp8-emulated": 1, ...}``."""
         return {n: dict(h.calls) for n, h in self._hw.items() if h.calls}
+
+    # --- with a Controller ------------------------------------------------------------------------
+    @property
+    def muppet_levels(self) -> tuple:
+        """The ladder :class:`~adaprec.policies.muppet.MuPPET` climbs on this backend by default, every
+        level on a real kernel (docs/methods.md#hardware-ladder): fixed point ``fx8`` on the integer-code
+        route, bf16 (autocast-style, errors rounded to nearest), FP32. ``fx8`` only leads where its codes
+        run on integer units faster than bf16 ones (code kernel ``"int_mm"``: GPUs, CPUs without AMX);
+        where they run on the bf16 units themselves (AMX), ``fx8`` is both slower and coarser than bf16
+        (measured: ``benchmarks/results/speed.md``), so the ladder starts at bf16."""
+        bf16 = hardware_precision("bf16")
+        return ("fx8", bf16, "fp32") if self.codes == "int_mm" else (bf16, "fp32")
+
+    def bind(self, ctl) -> None:
+        """Called by the :class:`~adaprec.Controller` once attached: time its steps per route."""
+        from ..events import Event
+
+        self._timer = timer = _RouteTimer()
+        ctl.on(Event.ITERATION_COMPLETED, lambda _ctl, **_: timer.step(self.route_signature()))
+        ctl.add_report_section("route_time", lambda: {"route_time": timer.report()})
+
+
+def _choose_codes(requested: str, kernels: frozenset[str], device: torch.device
+                  ) -> tuple[str | None, str | None]:
+    """The code kernels of Linear layers and of convolutions (``None``: that layer type simulates)."""
+    bf16 = "bf16" in kernels
+    acc = bf16 and bf16_accumulate_ok(device)
+    if requested == "auto":
+        amx = device.type == "cpu" and _amx()
+        linear = "bf16" if acc and amx else "int_mm" if "int8" in kernels else "bf16" if acc else None
+        return linear, "bf16" if acc else None
+    if requested == "int_mm":
+        if "int8" not in kernels:
+            raise RuntimeError(f"codes='int_mm' needs the int8 kernel, which does not run on {device}")
+        return "int_mm", "bf16" if acc else None
+    if not bf16:
+        raise RuntimeError(f"codes={requested!r} needs bf16 kernels, which do not run on {device}")
+    return requested, requested
+
+
+def _amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _route_name(r: Route, fp32: bool) -> str:
+    if r.kind == "sim":
+        return "fp32" if fp32 else "sim"
+    return f"int8:{r.via}" if r.kind == "int8" else r.kind if r.kernel else f"{r.kind}-emulated"
+
+
+def _signature(routes: dict[str, tuple[Route, Route]], fp32: dict[str, bool]) -> str:
+    """The training routes in force, e.g. ``"int8:bf16+sim"`` (distinct names, sorted; layers left in
+    FP32 count as ``"fp32"``)."""
+    return "+".join(sorted({_route_name(tr, fp32.get(n, False)) for n, (tr, _) in routes.items()})) or "sim"
+
+
+class _RouteTimer:
+    """Wall-clock and process CPU seconds of each training step, grouped by the routes it ran."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock, self._cpu = time.perf_counter, time.process_time
+        self.last = (self._clock(), self._cpu())
+        self.times: dict[str, list[tuple[float, float]]] = {}
+
+    def step(self, signature: str) -> None:
+        now = (self._clock(), self._cpu())
+        self.times.setdefault(signature, []).append((now[0] - self.last[0], now[1] - self.last[1]))
+        self.last = now
+
+    def report(self) -> dict[str, dict[str, float]]:
+        import statistics
+
+        out = {}
+        for sig, ts in self.times.items():
+            wall, cpu = [t[0] for t in ts], [t[1] for t in ts]
+            out[sig] = {"steps": len(ts), "total_s": sum(wall), "median_s": statistics.median(wall),
+                        "median_cpu_s": statistics.median(cpu)}
+        return out

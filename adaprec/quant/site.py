@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..cost import KINDS, macs_vector
 from ..formats import FP32, Format, Precision, rounding, run_kernel
+from ..formats.codes import tensor_range
 
 __all__ = ["Quantizer", "LayerSite", "ste", "quantize_grad"]
 
@@ -31,12 +32,27 @@ class _STE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernel, spec, p, lo, hi, axis, rng):  # noqa: D102
-        return run_kernel(kernel, x, p, spec, lo, hi, axis, rng)
+        y = run_kernel(kernel, x, p, spec, lo, hi, axis, rng)
+        if torch.compiler.is_compiling():
+            # The layer's backward needs the quantized tensor. Left to itself, torch.compile's partitioner
+            # recomputes it there from the input (it is "cheap" pointwise work), fused into the backward's
+            # kernels, where it ran several times slower than here (measured: benchmarks/overhead.py).
+            # An opaque copy cannot be recomputed, so the quantized tensor is saved instead.
+            y = _saved(y)
+        return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         # The identity: differentiable again as it is, so create_graph=True sees a straight-through path.
         return g, None, None, None, None, None, None, None
+
+
+def _saved_impl(y: Tensor) -> Tensor:
+    return y.clone()
+
+
+_saved = torch.library.custom_op("adaprec::saved", _saved_impl, mutates_args=())
+_saved.register_fake(lambda y: torch.empty_like(y))
 
 
 class _GradQuant(torch.autograd.Function):
@@ -172,7 +188,7 @@ class Quantizer:
     def _range(self, x: Tensor, training: bool, update: bool = True) -> tuple[Tensor, Tensor]:
         """Batch range in training (also folded into the EMA unless ``update=False``); the EMA in eval,
         once one exists."""
-        lo, hi = torch.aminmax(x.detach())
+        lo, hi = tensor_range(x)
         cur = torch.stack((lo, hi)).to(self.range.dtype)
         if training:
             if not update:
