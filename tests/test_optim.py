@@ -15,7 +15,6 @@ from adaprec.optim import (
     Compensated,
     KahanSGD,
     Storage,
-    bytes_per_param,
     optimizer_memory,
     resplit,
     storage_format,
@@ -399,28 +398,30 @@ def test_unsupported_inner_optimizer(inner) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def test_memory_accounting() -> None:
-    assert bytes_per_param("fx8").total == 2.0
-    assert bytes_per_param("fx8", update="nearest").total == 1.0
-    assert bytes_per_param("fx12", "fx16").weight == 1.5
-    assert bytes_per_param("bf16", state_buffers=1).total == 8.0
-    assert bytes_per_param("fp32", update="nearest", state_buffers=2).total == 12.0
-    with pytest.raises(ValueError, match="state_buffers"):
-        bytes_per_param("fx8", state_buffers=-1)
-
+def test_memory_is_measured_from_storages() -> None:
     lin = torch.nn.Linear(64, 10)
-    r = optimizer_memory(KahanSGD(lin.parameters(), lr=0.1, momentum=0.9, weight_format="fx8"))
-    assert (r.params, r.per_param, r.fp32_total) == (650, 6.0, 650 * 8.0)
-    assert r.savings_vs_fp32 == 0.25
-    r = optimizer_memory(Compensated(torch.optim.Adam(lin.parameters()), "bf16"))
-    assert r.per_param == 12.0 and r.savings_vs_fp32 == 0.0
-    r = optimizer_memory(Compensated(torch.optim.Adam(lin.parameters()), "fx8", update="stochastic"))
-    assert r.per_param == 9.0
-    assert optimizer_memory(torch.optim.Adam(lin.parameters(), amsgrad=True)).per_param == 16.0
-    rms = torch.optim.RMSprop(lin.parameters(), momentum=0.9, centered=True)
-    assert optimizer_memory(rms).per_param == 16.0
-    with pytest.raises(TypeError, match="no memory model"):
-        optimizer_memory(torch.optim.Adamax(lin.parameters()))
+    n = 650
+    r = optimizer_memory(torch.optim.Adam(lin.parameters()))
+    assert (r.params, r.weight, r.compensation, r.optimizer_state, r.gradients) == (n, 4 * n, 0, 0, 0)
+    assert r.fp32_total == 4 * n  # Adam's moments do not exist before the first step
+    opt = torch.optim.Adam(lin.parameters())
+    F.cross_entropy(lin(torch.randn(4, 64)), torch.randint(0, 10, (4,))).backward()
+    opt.step()
+    r = optimizer_memory(opt)
+    assert r.optimizer_state == 8 * n + 2 * 4 and r.gradients == 4 * n  # two moments, two step counters
+    assert r.fp32_total == r.total and r.savings_vs_fp32 == 0.0
+    # fx8 weights (float32 tensors here: the simulation) with an int8 compensation and 8-bit momentum.
+    opt = KahanSGD(lin.parameters(), lr=0.1, momentum=0.9, weight_format="fx8", state_format="8bit")
+    F.cross_entropy(lin(torch.randn(4, 64)), torch.randint(0, 10, (4,))).backward()
+    opt.step()
+    r = optimizer_memory(opt)
+    assert r.weight == 4 * n and r.compensation == n + 2 * 4  # codes + FL_c per tensor
+    # momentum: codes (1 B), one float32 block scale and a sign flag per tensor; w_fl 4 B per tensor
+    assert r.optimizer_state == n + 2 * (4 + 1) + 2 * 4
+    # A view shares its base's storage: counted once.
+    shared = torch.nn.Parameter(torch.zeros(100))
+    r = optimizer_memory(torch.optim.SGD([{"params": [shared]}], lr=0.1))
+    assert r.weight == 400
 
 
 # ---------------------------------------------------------------------------------------------- training

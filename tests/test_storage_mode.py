@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaprec
+from adaprec.compact import StoredTensor
 from adaprec.decision import Decision
 from adaprec.formats import FP32, FixedPoint, FloatFormat, IntFormat, Precision
 from adaprec.optim import Compensated, KahanSGD
@@ -77,12 +78,18 @@ def test_stored_weights_follow_the_decision_per_layer() -> None:
             assert _on_grid(w.detach(), opt.state[w]["w_fl"], bits)
             assert opt.param_format(model.get_submodule(name).bias) is None
         assert model[0].bias.detach().unique().numel() > 8  # not rounded to a 4-bit grid
+        # Held in int8 codes (the biases, stored in fp32, stay plain float32 tensors).
+        assert isinstance(model[0].weight, StoredTensor) and model[0].weight.parts[0].dtype == torch.int8
+        assert not isinstance(model[0].bias, StoredTensor)
         r = ctl.report()
+    assert type(model[0].weight) is nn.Parameter  # float32 parameters again after the block
     assert r["weight_storage"] == "fx4, fx5; others fp32"
     n = sum(p.numel() for p in model.parameters())
-    exp_w = (12 * 16 * 0.5 + 16 * 4 * 0.625 + (16 + 4) * 4) / n
+    # Measured: 1-byte codes for the weights, 4 bytes for the fp32 biases, a 4-byte scale per weight.
+    exp_w = (12 * 16 + 16 * 4 + (16 + 4) * 4 + 2 * 4) / n
     assert r["memory_per_param"] == {"weight": round(exp_w, 3), "compensation": round(exp_w, 3),
                                      "optimizer_state": 4.0}
+    assert ctl.report()["memory_per_param"] == r["memory_per_param"]  # after the block: as at its end
 
 
 def test_precision_change_resplits_and_preserves_w_plus_c() -> None:
@@ -123,7 +130,8 @@ def test_compensation_format_from_the_optimizer_or_the_mode() -> None:
         _train(ctl, model, opt, data)
         w = model[0].weight
         assert opt.param_format(w) == ("fx16", "fx8")
-        assert ctl.report()["memory_per_param"]["compensation"] == 1.0
+        n = sum(p.numel() for p in model.parameters())  # int8 codes, and a 4-byte FL_c per tensor
+        assert ctl.report()["memory_per_param"]["compensation"] == round((n + 4 * 4) / n, 3)
         pol.fmt = "bf16"  # a fixed-point compensation cannot follow a float weight: as wide as the weight
         ctl.refresh()
         assert opt.param_format(w) == ("bf16", None)
@@ -177,21 +185,29 @@ def _train_plain(model, opt, data) -> None:
         opt.step()
 
 
-def test_memory_report_for_plain_and_unknown_optimizers() -> None:
+def test_memory_report_is_measured_for_every_optimizer() -> None:
     model = _model()
-    with adaprec.Controller(model, policy="fixed", optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
-                                                                             momentum=0.9)) as ctl:
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:
+        assert ctl.report()["bytes_per_param"] == 4.0  # no momentum buffer before the first step
+        _train(ctl, model, opt, _data(1))
         r = ctl.report()
     assert (r["bytes_per_param"], r["weight_storage"], r["memory_vs_fp32"]) == (8.0, "fp32 master", 1.0)
-    opt = torch.optim.Adamax(model.parameters())  # no memory model: measured from its state
+    assert r["gradient_bytes_per_param"] == 4.0
+    opt = torch.optim.Adamax(model.parameters())  # any optimizer: its state tensors are measured
     with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:
         _train(ctl, model, opt, _data(1))
         parts = ctl.report()["memory_per_param"]
-        assert parts == {"weight": 4.0, "compensation": 0.0, "optimizer_state": 8.0}
-    opt = KahanSGD(model.parameters(), lr=0.1, momentum=0.9, weight_format="fx16")
+        assert parts == {"weight": 4.0, "compensation": 0.0, "optimizer_state": round(8 + 4 * 4 / n, 3)}
+    opt = KahanSGD(model.parameters(), lr=0.1, momentum=0.9, weight_format="fx16", state_format="bf16")
     with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:  # no storage mode: group format
+        _train(ctl, model, opt, _data(1))
         r = ctl.report()
-    assert (r["bytes_per_param"], r["weight_storage"], r["memory_vs_fp32"]) == (8.0, "fx16", 1.0)
+    # Float32 parameters holding fx16 values; an int16 compensation and a bf16 momentum.
+    assert r["weight_storage"] == "fx16"
+    assert r["memory_per_param"] == {"weight": 4.0, "compensation": round((2 * n + 4 * 4) / n, 3),
+                                     "optimizer_state": round((2 * n + 4 * 4) / n, 3)}
 
 
 def test_bad_inputs() -> None:
