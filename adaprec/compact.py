@@ -102,6 +102,13 @@ class FormatCodec:
     def __repr__(self) -> str:
         return f"FormatCodec({self.name})"
 
+    # Compared by value: torch.compile guards on a copy of the codec (see StoredTensor.__tensor_flatten__).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FormatCodec) and other.fmt == self.fmt
+
+    def __hash__(self) -> int:
+        return hash(self.fmt)
+
 
 class _Base:
     """What a stored tensor and all its views share: the codec, the parts, the kept state, the shape."""
@@ -275,7 +282,9 @@ class StoredTensor(Tensor):
         return StoredTensor(self._held, self._vchain + ((func, args, kwargs, index),), meta.shape,
                             meta.stride(), meta.storage_offset())
 
-    # torch.compile: the parts and state are the inner tensors; codec, shape and views the context.
+    # torch.compile: the parts and the state are the inner tensors; the codec (compared by value), the
+    # shape and the views are the context, which compiled code guards on. A format change within one
+    # codec's dtype (fx6 -> fx8: int8 codes, the scale in the state tensor) therefore never recompiles.
     def __tensor_flatten__(self) -> tuple[list[str], Any]:
         names = [f"_p{i}" for i in range(len(self.parts))]
         for n, p in zip(names, self.parts):
@@ -283,13 +292,17 @@ class StoredTensor(Tensor):
         if self.state is not None:
             object.__setattr__(self, "_st", self.state)
             names.append("_st")
-        return names, (self._held.codec, self._held.shape, self._vchain, self._held.fit)
+        return names, (self._held.codec, tuple(self._held.shape), self._vchain)
+
+    def _stable_hash_for_caching(self) -> str:
+        # What compiled code depends on (the context above), for torch's compiled-graph cache.
+        return f"StoredTensor:{self._held.codec!r}:{tuple(self._held.shape)}:{self._vchain!r}"
 
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, Tensor], ctx: Any, outer_size: Any, outer_stride: Any) -> StoredTensor:
-        codec, shape, views, fit = ctx
+        codec, shape, views = ctx
         parts = tuple(inner[f"_p{i}"] for i in range(len([k for k in inner if k.startswith("_p")])))
-        base = _Base(codec, parts, inner.get("_st"), shape, fit)
+        base = _Base(codec, parts, inner.get("_st"), torch.Size(shape), None)
         return StoredTensor(base, views, outer_size, outer_stride)
 
 

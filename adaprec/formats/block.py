@@ -275,7 +275,7 @@ class BlockFormat(Format):
 
     def encode_stored(self, x: Tensor, state: Tensor | None = None,
                       noise: Tensor | None = None) -> tuple[Tensor, ...]:
-        """Element codes and block scales, blocks along the last dimension (a short last block padded):
+        """Element codes (one per element) and block scales, blocks along the last dimension:
 
         * elements: ``float8_e4m3fn`` (E4M3, E3M2 and E2M3 values are all E4M3 numbers) or
           ``float8_e5m2``; MXINT8 as ``int8`` codes ``k`` (value ``k / 64``); E2M1 (MXFP4, NVFP4) as
@@ -291,6 +291,8 @@ class BlockFormat(Format):
         xb = _blocks(x.detach().float(), -1, s.block)
         nz = None if noise is None else _blocks(noise, -1, s.block)
         q, _, exp, tensor_scale = _block_codes(xb, p, s.scale, s.element == "int8", False, 0, nz)
+        n = x.shape[-1]
+        q = q.reshape(*q.shape[:-2], -1)[..., :n]  # the padding of a short last block is not kept
         if s.element == "int8":
             elems = q.mul(64.0).to(torch.int8)
         elif s.element == "e2m1":
@@ -308,12 +310,12 @@ class BlockFormat(Format):
         nb = -(-n // s.block)
         elems = parts[0]
         if s.element == "e2m1":
-            q = _unpack_e2m1(elems, math.prod(lead) * nb * s.block)
+            q = _unpack_e2m1(elems, math.prod(lead) * n).reshape(*lead, n)
         elif s.element == "int8":
             q = elems.to(torch.float32).div_(64.0)
         else:
             q = elems.to(torch.float32)
-        q = q.reshape(*lead, nb, s.block)
+        q = _blocks(q.reshape(*lead, n), -1, s.block)
         if len(parts) == 2:  # MX: a power of two, never zero
             out = q * torch.exp2(parts[1].to(torch.float32))
         else:

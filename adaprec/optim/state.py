@@ -79,6 +79,12 @@ class StateFormat:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
+    def __eq__(self, other: object) -> bool:  # by value (as adaprec.compact.FormatCodec)
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.name))
+
 
 class Float16State(StateFormat):
     """A state buffer in bfloat16 (to nearest, or stochastically with noise).
