@@ -278,7 +278,8 @@ class StoredTensor(Tensor):
             return [self._make_view(func, args, kwargs, i, o) for i, o in enumerate(out)]
         return self._make_view(func, args, kwargs, None, out)
 
-    def _make_view(self, func: Any, args: tuple, kwargs: dict, index: int | None, meta: Tensor) -> StoredTensor:
+    def _make_view(self, func: Any, args: tuple, kwargs: dict, index: int | None,
+                   meta: Tensor) -> StoredTensor:
         return StoredTensor(self._held, self._vchain + ((func, args, kwargs, index),), meta.shape,
                             meta.stride(), meta.storage_offset())
 
@@ -299,7 +300,8 @@ class StoredTensor(Tensor):
         return f"StoredTensor:{self._held.codec!r}:{tuple(self._held.shape)}:{self._vchain!r}"
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict[str, Tensor], ctx: Any, outer_size: Any, outer_stride: Any) -> StoredTensor:
+    def __tensor_unflatten__(inner: dict[str, Tensor], ctx: Any, outer_size: Any,
+                             outer_stride: Any) -> StoredTensor:
         codec, shape, views = ctx
         parts = tuple(inner[f"_p{i}"] for i in range(len([k for k in inner if k.startswith("_p")])))
         base = _Base(codec, parts, inner.get("_st"), torch.Size(shape), None)

@@ -151,7 +151,8 @@ class StorageMode:
         StorageMode(comp_format=None, int_formats='error', compact=True)
     """
 
-    def __init__(self, *, comp_format: object = None, int_formats: str = "fixed", compact: bool = True) -> None:
+    def __init__(self, *, comp_format: object = None, int_formats: str = "fixed",
+                 compact: bool = True) -> None:
         if not isinstance(compact, bool):
             raise TypeError(f"compact must be True or False, got {compact!r}")
         if int_formats not in INT_FORMAT_RULES:

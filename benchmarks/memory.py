@@ -1,39 +1,44 @@
 """Real memory of low-precision training: peak resident memory, measured bytes, and accuracy.
 
 Part 1, memory (issue 17). The GPT character LM at its ``memory`` preset (about 57 M parameters) trains
-a few steps (AdamW) in a fresh Python process per configuration; each process reports its peak resident
-set (``VmHWM`` of ``/proc/self/status``: the most physical memory it ever held) and the bytes of the
-parameters, compensation, optimizer state and gradients measured from their storages
-(:func:`adaprec.optim.optimizer_memory`; ``ctl.report()["bytes_per_param"]`` for the adaprec runs).
-Configurations:
+three AdamW steps (batch 4 x 256 characters) in a fresh Python process per configuration. Each process
+reports the bytes of the parameters, Kahan compensation, optimizer state and gradients measured from
+their storages (:func:`adaprec.optim.optimizer_memory`; ``ctl.report()["bytes_per_param"]`` in the
+adaprec runs) and its peak resident set (``VmHWM`` of ``/proc/self/status``: the most physical memory it
+held) over the steps after the first — the steady-state training peak, once the optimizer state exists
+(and torchao has compiled its step); the peak is reset after the first step by writing ``5`` to
+``/proc/self/clear_refs``. Configurations:
 
 * ``FP32 + AdamW`` — plain PyTorch;
 * ``AMP bf16 + AdamW`` — plain PyTorch under ``torch.autocast("cpu", torch.bfloat16)``, FP32 weights
   and state;
-* ``FP32 + 8-bit AdamW (adaprec)`` — FP32 weights, AdamW's moments in adaprec's block-wise 8-bit state
-  (``Compensated(AdamW, "fp32", update="nearest", state_format="8bit")``);
+* ``FP32 + 8-bit AdamW (adaprec)`` — FP32 weights, AdamW's moments in adaprec's block-wise dynamic
+  8-bit state (``Compensated(AdamW, "fp32", update="nearest", state_format="8bit")``);
 * ``FP32 + torchao AdamW8bit`` — the same idea from torchao, when it is installed;
 * ``bf16 + bf16 Kahan + 8-bit AdamW`` — weights stored in bf16 with a bf16 compensation, no FP32
-  master (``weight_storage=True``, policy bf16 weights / FP32 activations and errors);
+  master (``weight_storage=True``, policy bf16 weights / FP32 activations and errors), dynamic 8-bit
+  moments; ``... + FP8-state AdamW`` the same with block-wise FP8 moments (``state_format="fp8"``);
 * ``bf16 stochastic + 8-bit AdamW`` — bf16 weights written back with stochastic rounding, no
   compensation;
 * ``fx8 + fx8 Kahan + 8-bit AdamW`` — the quantized layers' weights in 8-bit fixed point (the classifier
   floor keeps the vocabulary head at 10 bits) with an 8-bit compensation, every other parameter
   (embeddings, norms, biases) in bf16 with a bf16 compensation.
 
-The processes run one after another with one thread each and ``MALLOC_MMAP_THRESHOLD_=65536`` (large
-blocks come from and go back to the OS at once, so the peak reflects what was live rather than the
-allocator's fragmentation; the same for every configuration).
+No weight decay anywhere. The processes run one after another with one thread each and
+``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks come from and go back to the OS at once, so the peak
+reflects what was live rather than the allocator's fragmentation; the same for every configuration).
 
 Part 2, accuracy. Three seeds each of the digits classifier (SGD with momentum 0.9), the character
 LSTM (Adam) and the GPT character LM at its ``tiny`` size (AdamW, cosine schedule) against FP32 master
-weights with the same optimizer; the low-precision configurations as above (on digits the 8-bit state
-is SGD's momentum, ``KahanSGD(..., state_format="8bit")``). Goals: validation loss within 1 % of FP32
-master on the two language models, accuracy within 0.3 points on digits.
+weights with the same optimizer; the low-precision configurations as above, plus FP32 master weights
+with each 8-bit state (adaprec's dynamic and FP8, torchao's AdamW8bit) to see what the state alone
+costs. On digits the state is SGD's momentum (``KahanSGD(..., state_format=...)``; torchao has no 8-bit
+SGD). Goals: validation loss within 1 % of FP32 master on the two language models, test accuracy within
+0.3 points on digits.
 
-Writes ``benchmarks/results/memory.{json,md}``. Run: ``python benchmarks/memory.py`` (about 30
-minutes on two busy cores); ``--quick`` measures two steps of a smaller GPT and runs one seed of the
-accuracy part, and writes nothing.
+Writes ``benchmarks/results/memory.{json,md}``. Run: ``python benchmarks/memory.py`` (about 40
+minutes on two busy cores); ``--quick`` measures two steps of a 2-block GPT and runs one epoch of one
+seed of the accuracy part, and writes nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ PEAK_CONFIGS: dict[str, dict[str, Any]] = {
     "FP32 + torchao AdamW8bit": {"kind": "torchao"},
     "bf16 + bf16 Kahan + 8-bit AdamW": {"kind": "adaprec", "weight": "bf16", "update": "kahan",
                                         "state": "8bit"},
+    "bf16 + bf16 Kahan + FP8-state AdamW": {"kind": "adaprec", "weight": "bf16", "update": "kahan",
+                                            "state": "fp8"},
     "bf16 stochastic + 8-bit AdamW": {"kind": "adaprec", "weight": "bf16", "update": "stochastic",
                                       "state": "8bit"},
     "fx8 + fx8 Kahan + 8-bit AdamW": {"kind": "adaprec", "weight": "fx8", "others": "bf16",
@@ -87,11 +94,15 @@ TASKS: dict[str, dict[str, Any]] = {
 
 ACC_CONFIGS: dict[str, dict[str, Any]] = {
     "FP32 master": {"kind": "plain"},
-    "FP32 master + 8-bit state (adaprec)": {"kind": "adaprec", "weight": "fp32", "update": "nearest",
-                                            "state": "8bit", "storage": False},
+    "FP32 master + 8-bit state": {"kind": "adaprec", "weight": "fp32", "update": "nearest", "state": "8bit",
+                                  "storage": False},
+    "FP32 master + FP8 state": {"kind": "adaprec", "weight": "fp32", "update": "nearest", "state": "fp8",
+                                "storage": False},
     "FP32 master + torchao AdamW8bit": {"kind": "torchao"},
     "bf16 + bf16 Kahan + 8-bit state": {"kind": "adaprec", "weight": "bf16", "update": "kahan",
                                         "state": "8bit"},
+    "bf16 + bf16 Kahan + FP8 state": {"kind": "adaprec", "weight": "bf16", "update": "kahan",
+                                      "state": "fp8"},
     "bf16 stochastic + 8-bit state": {"kind": "adaprec", "weight": "bf16", "update": "stochastic",
                                       "state": "8bit"},
     "fx8 + fx8 Kahan + 8-bit state": {"kind": "adaprec", "weight": "fx8", "others": "bf16",
@@ -121,18 +132,18 @@ def make_optimizer(cfg: dict[str, Any], inner: str, momentum: float = 0.9) -> An
     """A factory ``(params, lr) -> optimizer`` for a configuration (``inner``: sgd, adam or adamw)."""
     from adaprec.optim import Compensated, KahanSGD
 
+    # No weight decay anywhere, as the tasks' FP32 baselines (torch's AdamW would default to 0.01).
     kind = cfg["kind"]
     if kind == "torchao":
         from torchao.optim import AdamW8bit
 
-        wd = 0.0 if inner == "adam" else 0.01
-        return lambda params, lr: AdamW8bit(params, lr=lr, weight_decay=wd)
+        return lambda params, lr: AdamW8bit(params, lr=lr, weight_decay=0.0)
     store = {"weight_format": cfg.get("others", cfg["weight"]) if cfg.get("storage", True) else cfg["weight"],
              "update": cfg["update"], "state_format": cfg["state"]}
     if inner == "sgd":
         return lambda params, lr: KahanSGD(params, lr=lr, momentum=momentum, **store)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[inner]
-    return lambda params, lr: Compensated(cls(params, lr=lr), **store)
+    return lambda params, lr: Compensated(cls(params, lr=lr, weight_decay=0.0), **store)
 
 
 def controller_setup(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -168,14 +179,21 @@ def peak_child(label: str, steps: int, batch: int, quick: bool) -> dict[str, Any
     n = sum(p.numel() for p in model.parameters())
     batches = list(task.train_batches(batch, 0))[:steps]
     opt = make_optimizer(cfg, "adamw")(model.parameters(), lr=3e-4) if cfg["kind"] in ("adaprec", "torchao") \
-        else torch.optim.AdamW(model.parameters(), lr=3e-4)
+        else torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
     rss_model = _status_kb("VmRSS") * 1024
     policy, ckw = controller_setup(cfg)
     times: list[float] = []
     report: dict[str, Any] = {}
 
+    peaks: dict[str, int] = {}
+
     def run() -> None:
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            if i == 1:
+                # After the first step (lazily created optimizer state; torchao compiles its step then):
+                # the steady-state training peak starts here. Writing 5 to clear_refs resets VmHWM.
+                peaks["first_step"] = _status_kb("VmHWM") * 1024
+                Path("/proc/self/clear_refs").write_text("5")
             t0 = time.perf_counter()
             if cfg["kind"] == "amp":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -197,7 +215,8 @@ def peak_child(label: str, steps: int, batch: int, quick: bool) -> dict[str, Any
         run()
         mem = optimizer_memory(opt)
     return {"label": label, "params": n, "steps": steps, "batch": batch,
-            "peak_rss": _status_kb("VmHWM") * 1024, "rss_after_import": rss_import,
+            "peak_rss": _status_kb("VmHWM") * 1024, "peak_rss_first_step": peaks.get("first_step"),
+            "rss_after_import": rss_import,
             "rss_after_model": rss_model, "step_s": statistics.median(times[1:] or times),
             "bytes": {"weight": mem.weight, "compensation": mem.compensation,
                       "optimizer_state": mem.optimizer_state, "gradients": mem.gradients,
@@ -307,15 +326,15 @@ def markdown(data: dict[str, Any]) -> str:
     for r in data["peak"]:
         b, n = r["bytes"], r["params"]
         ratio = f"{r['peak_rss'] / ref['peak_rss']:.2f}" if ref else "n/a"
+        parts = f"{b['weight'] / n:.2f} / {b['compensation'] / n:.2f} / {b['optimizer_state'] / n:.2f}"
         lines.append(f"| {r['label']} | {r['peak_rss'] / 2**20:.0f} | {ratio} | {r['bytes_per_param']:.3f} | "
-                     f"{b['weight'] / n:.2f} / {b['compensation'] / n:.2f} / {b['optimizer_state'] / n:.2f} | "
-                     f"{b['gradients'] / n:.2f} | {r['step_s']:.1f} |")
+                     f"{parts} | {b['gradients'] / n:.2f} | {r['step_s']:.1f} |")
     if data.get("torchao_skipped"):
         lines += ["", f"torchao rows skipped: {data['torchao_skipped']}."]
     lines += ["", "### Goal: bf16 weights + bf16 compensation + 8-bit AdamW at <= 0.5x the FP32 bytes", ""]
     for g in data["memory_goal"]:
-        lines.append(f"- {g['label']}: {g['bytes_per_param']:.3f} of {g['fp32_bytes_per_param']:.3f} bytes per "
-                     f"parameter = {g['ratio']:.4f}x ({'met' if g['ok'] else 'missed'}); peak RSS "
+        lines.append(f"- {g['label']}: {g['bytes_per_param']:.3f} of {g['fp32_bytes_per_param']:.3f} "
+                     f"bytes per parameter = {g['ratio']:.4f}x ({'met' if g['ok'] else 'missed'}); peak RSS "
                      f"{g['peak_ratio']:.2f}x of FP32 + AdamW, {g['peak_saved_mib']:.0f} MiB less.")
     lines += ["", "## Part 2: accuracy against FP32 master weights", ""]
     for task, rows in data["accuracy"].items():
@@ -343,7 +362,7 @@ def markdown(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -366,7 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data["peak"] = run_peak(labels, 2 if args.quick else args.steps, args.batch, args.quick)
         by = {r["label"]: r for r in data["peak"]}
         ref = by["FP32 + AdamW"]
-        for label in ("bf16 + bf16 Kahan + 8-bit AdamW", "fx8 + fx8 Kahan + 8-bit AdamW"):
+        for label in ("bf16 + bf16 Kahan + 8-bit AdamW", "bf16 + bf16 Kahan + FP8-state AdamW",
+                      "fx8 + fx8 Kahan + 8-bit AdamW"):
             r = by.get(label)
             if r is None:
                 continue

@@ -307,7 +307,6 @@ class BlockFormat(Format):
         s = self.spec
         lead = tuple(shape[:-1]) if len(shape) else ()
         n = shape[-1] if len(shape) else 1
-        nb = -(-n // s.block)
         elems = parts[0]
         if s.element == "e2m1":
             q = _unpack_e2m1(elems, math.prod(lead) * n).reshape(*lead, n)

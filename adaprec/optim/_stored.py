@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..compact import FormatCodec, hold, is_stored, release, values
-from .state import STATE_FORMATS, StateFormat, hold_state, state_format
+from .state import StateFormat, hold_state, state_format
 from .storage import UPDATE_MODES, Storage, format_name
 
 STORAGE_KEYS = ("weight_format", "comp_format", "update", "headroom_bits", "zero_range", "overflow")

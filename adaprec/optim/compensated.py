@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 
-from ..compact import is_stored, values
+from ..compact import is_stored
 from ._stored import STORAGE_KEYS, StoredParamsMixin, storage_defaults
 from .state import STATE_FORMATS, read_state
 from .state import state_format as state_format_of

@@ -111,7 +111,7 @@ class Float16State(StateFormat):
         return self._fmt.decode_stored(parts, None, shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _map_values(signed: bool) -> tuple[float, ...]:
     mags = [0.0]
     bits = 7 if signed else 8
@@ -123,7 +123,7 @@ def _map_values(signed: bool) -> tuple[float, ...]:
     return tuple(vals)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _map_tensor(signed: bool, device: str) -> Tensor:
     return torch.tensor(_map_values(signed), dtype=torch.float32, device=device)
 
@@ -140,7 +140,7 @@ def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     return _map_tensor(signed, str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _midpoints(signed: bool, device: str) -> Tensor:
     vals = _map_tensor(signed, device)
     return (vals[1:] + vals[:-1]) / 2
