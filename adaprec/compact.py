@@ -206,8 +206,15 @@ class StoredTensor(Tensor):
     def fit(self) -> Callable[[Tensor], Tensor | None] | None:
         return self._held.fit
 
+    def _check_dtype(self) -> None:
+        if self.dtype != torch.float32:  # ``.data =`` of another dtype (model.double()) reached the wrapper
+            raise RuntimeError(f"adaprec: the dtype of a stored (compact) tensor was changed to {self.dtype} "
+                               "(e.g. model.double() or .half() inside a weight-storage block); convert the "
+                               "model before entering the controller, or use StorageMode(compact=False)")
+
     def plain(self) -> Tensor:
         """The values as a new ordinary float32 tensor (decoded; views applied)."""
+        self._check_dtype()
         out = self._held.decode()
         for func, args, kwargs, index in self._vchain:
             out = func(out, *args, **kwargs)
@@ -268,6 +275,7 @@ class StoredTensor(Tensor):
         return func(*args, **kwargs)
 
     def _view(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        self._check_dtype()
         meta = torch.empty(self._held.shape, device="meta")
         for f, a, k, i in self._vchain:
             meta = f(meta, *a, **k)
@@ -407,6 +415,11 @@ def hold(t: Tensor, codec: Codec, state: Tensor | None = None, *,
         new._is_param = True
     try:
         _swap(t, new, owner)
+    except RuntimeError as e:
+        raise RuntimeError(f"adaprec: cannot hold this {tuple(t.shape)} tensor in its storage type: torch "
+                           f"cannot swap it in place ({e}; a live autograd graph or a wrapper such as "
+                           "DistributedDataParallel refers to it). Use "
+                           "adaprec.storage_mode.StorageMode(compact=False) to keep float32 tensors") from e
     finally:
         t.grad = grad
 

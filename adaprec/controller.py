@@ -193,9 +193,9 @@ class Controller:
         classifier_floor: keep the classifier at ``ceil(log2 C) + 1 + 2`` bits
             (:class:`~adaprec.constraints.ClassifierFloor`, applied before ``constraints``): ``True``
             (default: auto-detected layer), ``False``, or a configured ``ClassifierFloor``.
-        weight_storage: store the weights in the decided weight formats, no FP32 master
-            (:mod:`adaprec.storage_mode`; needs an ``adaprec.optim`` optimizer): ``False`` (default),
-            ``True`` or a configured ``StorageMode``.
+        weight_storage: store the weights in the decided weight formats, no FP32 master, held in
+            their storage types inside the block (:mod:`adaprec.storage_mode`; needs an
+            ``adaprec.optim`` optimizer): ``False`` (default), ``True`` or a configured ``StorageMode``.
 
     Leaving the ``with`` block — normally or by an exception — restores the model exactly. The block
     is sugar over :meth:`start` and :meth:`close`, and :meth:`epoch` over :meth:`begin_epoch` and

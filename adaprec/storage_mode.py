@@ -66,6 +66,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -140,6 +141,10 @@ class StorageMode:
             the weight's width (a fixed-point one is dropped for float or FP32 weights).
         int_formats: ``"fixed"`` stores an ``IntFormat(b)`` decision as ``b``-bit fixed point;
             ``"error"`` refuses such policies (module docstring).
+        compact: hold the parameters in their storage type inside the block (default), or keep
+            float32 tensors holding the formats' values (``False``: the same numbers, no memory
+            saved). Where torch cannot swap the parameters in place (under DDP, whose reducer refers
+            to them), weight storage warns and goes on as with ``False``.
 
     :attr:`formats` maps each stored layer to its storage format; :attr:`resplits` counts the
     layer format changes applied (the first split of each layer included). Per-layer formats are
@@ -288,7 +293,15 @@ class StorageMode:
             log.debug("adaprec: weight storage re-split %s", {n: targets[n] for n in changed})
         self.formats.update(targets)
         if self.compact and not opt.holds_params:
-            opt.hold_params(self.ctl.model)
+            try:
+                opt.hold_params(self.ctl.model)
+            except RuntimeError as e:  # e.g. DDP's reducer refers to the parameters: keep float32 tensors
+                opt.release_params()
+                self.compact = False
+                warnings.warn("adaprec: weight storage cannot hold the parameters in their storage types "
+                              f"here: torch cannot swap them in place ({e.__cause__ or e}); it goes on with "
+                              "float32 tensors holding the stored values (the same numbers, no memory "
+                              "saved). StorageMode(compact=False) asks for that upfront", stacklevel=2)
         # A layer whose weights lie on its weight format's own grid needs no weight quantization.
         sites = getattr(self.ctl.backend, "sites", {})
         for name, spec in targets.items():

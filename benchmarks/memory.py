@@ -317,46 +317,108 @@ def accuracy_goals(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------- report
 def markdown(data: dict[str, Any]) -> str:
-    lines = ["## Part 1: peak memory of a few training steps", "",
-             f"GPT char LM, {data['peak'][0]['params'] / 1e6:.1f} M parameters, batch {data['batch']} x "
-             f"{data['seq_len']} characters, {data['steps']} AdamW steps, one process per row.", "",
-             "| configuration | peak RSS MiB | vs FP32 | param + state B/param | w / comp / state | "
-             "grads B/param | step s |", "|---|---|---|---|---|---|---|"]
-    ref = next((r for r in data["peak"] if r["label"] == "FP32 + AdamW"), None)
-    for r in data["peak"]:
-        b, n = r["bytes"], r["params"]
-        ratio = f"{r['peak_rss'] / ref['peak_rss']:.2f}" if ref else "n/a"
-        parts = f"{b['weight'] / n:.2f} / {b['compensation'] / n:.2f} / {b['optimizer_state'] / n:.2f}"
-        lines.append(f"| {r['label']} | {r['peak_rss'] / 2**20:.0f} | {ratio} | {r['bytes_per_param']:.3f} | "
-                     f"{parts} | {b['gradients'] / n:.2f} | {r['step_s']:.1f} |")
-    if data.get("torchao_skipped"):
-        lines += ["", f"torchao rows skipped: {data['torchao_skipped']}."]
-    lines += ["", "### Goal: bf16 weights + bf16 compensation + 8-bit AdamW at <= 0.5x the FP32 bytes", ""]
-    for g in data["memory_goal"]:
-        lines.append(f"- {g['label']}: {g['bytes_per_param']:.3f} of {g['fp32_bytes_per_param']:.3f} "
-                     f"bytes per parameter = {g['ratio']:.4f}x ({'met' if g['ok'] else 'missed'}); peak RSS "
-                     f"{g['peak_ratio']:.2f}x of FP32 + AdamW, {g['peak_saved_mib']:.0f} MiB less.")
-    lines += ["", "## Part 2: accuracy against FP32 master weights", ""]
-    for task, rows in data["accuracy"].items():
-        metrics = TASKS[task]["metrics"]
-        lines += [f"### {task}", "", "| configuration | " + " | ".join(metrics) + " | B/param (measured) |",
-                  "|---|" + "---|" * len(metrics) + "---|"]
-        for r in rows:
-            cells = []
-            for m in metrics:
-                scale = 100 if m == "accuracy" else 1
-                cells.append(f"{r[m] * scale:.3f} ± {r[m + '_std'] * scale:.3f}")
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['bytes_per_param']:.2f} |")
+    lines: list[str] = []
+    if data.get("peak"):
+        lines += ["## Part 1: peak memory of a few training steps", "",
+                  f"GPT char LM, {data['peak'][0]['params'] / 1e6:.1f} M parameters, batch {data['batch']} "
+                  f"x {data['seq_len']} characters, {data['steps']} AdamW steps, one process per row. Peak "
+                  "RSS: the steady-state peak after the first step; training peak: that minus the process's "
+                  "resident memory after importing torch and adaprec.", "",
+                  "| configuration | peak RSS MiB | training peak MiB | vs FP32 | param + state B/param | "
+                  "w / comp / state | grads B/param | step s |", "|---|---|---|---|---|---|---|---|"]
+        ref = next((r for r in data["peak"] if r["label"] == "FP32 + AdamW"), None)
+        for r in data["peak"]:
+            b, n = r["bytes"], r["params"]
+            ratio = f"{r['training_peak_mib'] / ref['training_peak_mib']:.2f}" if ref else "n/a"
+            parts = f"{b['weight'] / n:.2f} / {b['compensation'] / n:.2f} / {b['optimizer_state'] / n:.2f}"
+            lines.append(f"| {r['label']} | {r['peak_rss_mib']:.0f} | {r['training_peak_mib']:.0f} | "
+                         f"{ratio} | {r['bytes_per_param']:.3f} | {parts} | {b['gradients'] / n:.2f} | "
+                         f"{r['step_s']:.1f} |")
+        if data.get("torchao_skipped"):
+            lines += ["", f"torchao rows skipped: {data['torchao_skipped']}."]
+        lines += ["", "### Goal: bf16 weights + bf16 compensation + 8-bit AdamW at <= 0.5x the FP32 bytes",
+                  ""]
+        for g in data["memory_goal"]:
+            lines.append(f"- {g['label']}: {g['bytes_per_param']:.3f} of {g['fp32_bytes_per_param']:.3f} "
+                         f"bytes per parameter = {g['ratio']:.4f}x ({'met' if g['ok'] else 'missed'}); "
+                         f"{g['state_saved_mib']:.0f} MiB of parameters and state saved, peak RSS "
+                         f"{g['peak_saved_mib']:.0f} MiB lower (training peak "
+                         f"{g['training_peak_ratio']:.2f}x of FP32 + AdamW).")
         lines.append("")
-    lines += ["### Goals: loss within 1 % (language models), accuracy within 0.3 points (digits)", "",
-              "| task | configuration | gap | goal |", "|---|---|---|---|"]
-    for g in data["accuracy_goal"]:
-        gap = f"{g['gap']:+.2f} points" if g["task"] == "digits" else f"{100 * g['gap']:+.2f} %"
-        lines.append(f"| {g['task']} | {g['label']} | {gap} | {'met' if g['ok'] else 'missed'} |")
-    lines += ["", f"Mean ± standard deviation over seeds {data['seeds']}. Accuracy runs: bytes per parameter "
-              "are measured at the end of the run (tiny models: biases and per-tensor scales weigh more "
-              "than in the 57 M model).", ""]
+    if data.get("accuracy"):
+        lines += ["## Part 2: accuracy against FP32 master weights", ""]
+        for task, rows in data["accuracy"].items():
+            metrics = TASKS[task]["metrics"]
+            head = "| configuration | " + " | ".join(metrics) + " | B/param (measured) |"
+            lines += [f"### {task}", "", head, "|---|" + "---|" * len(metrics) + "---|"]
+            for r in rows:
+                cells = []
+                for m in metrics:
+                    scale = 100 if m == "accuracy" else 1
+                    cells.append(f"{r[m] * scale:.3f} ± {r[m + '_std'] * scale:.3f}")
+                lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['bytes_per_param']:.2f} |")
+            lines.append("")
+        lines += ["### Goals: loss within 1 % (language models), accuracy within 0.3 points (digits)", "",
+                  "| task | configuration | gap | goal |", "|---|---|---|---|"]
+        for g in data["accuracy_goal"]:
+            gap = f"{g['gap']:+.2f} points" if g["task"] == "digits" else f"{100 * g['gap']:+.2f} %"
+            lines.append(f"| {g['task']} | {g['label']} | {gap} | {'met' if g['ok'] else 'missed'} |")
+        lines += ["", f"Mean ± standard deviation over seeds {data['seeds']}. Bytes per parameter are "
+                  "measured at the end of each run (tiny models: biases and per-tensor scales weigh more "
+                  "than in the 57 M model).", ""]
     return "\n".join(lines)
+
+
+def derive(data: dict[str, Any]) -> dict[str, Any]:
+    """The summaries and goal checks, from the raw measurements (``peak`` rows and accuracy ``runs``)."""
+    mib = 2.0**20
+    for r in data.get("peak", []):
+        r["peak_rss_mib"] = r["peak_rss"] / mib
+        r["rss_after_import_mib"] = r["rss_after_import"] / mib
+        r["training_peak_mib"] = (r["peak_rss"] - r["rss_after_import"]) / mib  # the run itself
+        r["bytes_per_param_parts"] = {k: r["bytes"][k] / r["params"]
+                                      for k in ("weight", "compensation", "optimizer_state", "gradients")}
+    data["memory_goal"] = []
+    by = {r["label"]: r for r in data.get("peak", [])}
+    ref = by.get("FP32 + AdamW")
+    if ref is not None:
+        data["fp32_peak"] = {k: ref[k] for k in ("peak_rss_mib", "training_peak_mib")}
+        fp32 = ref["bytes"]["total"] / ref["params"]
+        for label in ("bf16 + bf16 Kahan + 8-bit AdamW", "bf16 + bf16 Kahan + FP8-state AdamW",
+                      "fx8 + fx8 Kahan + 8-bit AdamW"):
+            r = by.get(label)
+            if r is None:
+                continue
+            saved = (ref["bytes"]["total"] - r["bytes"]["total"]) / mib
+            data["memory_goal"].append({
+                "label": label, "bytes_per_param": r["bytes_per_param"], "fp32_bytes_per_param": fp32,
+                "ratio": r["bytes_per_param"] / fp32, "ok": r["bytes_per_param"] / fp32 <= 0.5,
+                "peak_ratio": r["peak_rss"] / ref["peak_rss"],
+                "training_peak_ratio": r["training_peak_mib"] / ref["training_peak_mib"],
+                "peak_saved_mib": (ref["peak_rss"] - r["peak_rss"]) / mib, "state_saved_mib": saved})
+    runs = data.get("runs", [])
+    tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+    data["accuracy"] = {t: summarise(runs, t) for t in tasks}
+    data["accuracy_goal"] = accuracy_goals(data["accuracy"])
+    return data
+
+
+def _write(data: dict[str, Any], command: str, machine: dict[str, Any] | None) -> str:
+    md = markdown(data)
+    if machine is None:  # a fresh run: record this machine
+        write_results("memory", data, md, command)
+        return md
+    # A rebuild from the raw measurements keeps the machine and command they were measured with.
+    from benchmarks.common import RESULTS_DIR
+
+    payload = {"name": "memory", "command": command, "machine": machine, "data": data}
+    (RESULTS_DIR / "memory.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    env = ", ".join(f"{k} {machine[k]}" for k in ("cpu", "cpu_count", "torch_threads", "torch", "python")
+                    if machine.get(k) is not None)
+    text = ["# memory", "", f"Command: `{command}`", "", f"Machine: {env}; date {machine['date']}; commit "
+            f"{machine.get('git_commit') or 'unknown'}.", "", md.rstrip(), ""]
+    (RESULTS_DIR / "memory.md").write_text("\n".join(text))
+    return md
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -369,33 +431,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", nargs="+", default=["peak", "accuracy"], choices=["peak", "accuracy"])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--quick", action="store_true", help="a small GPT, one seed, write nothing")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="recompute the summaries and tables of benchmarks/results/memory.json from its raw "
+                         "measurements (no training)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(peak_child(args.child, args.steps, args.batch, args.quick)))
         return {}
+    if args.rebuild:
+        from benchmarks.common import RESULTS_DIR
+
+        payload = json.loads((RESULTS_DIR / "memory.json").read_text())
+        data = derive(payload["data"])
+        print(_write(data, payload["command"], payload["machine"]))
+        return data
     has_ao = torchao_available()
     skipped = None if has_ao else "torchao is not installed (pip install adaprec[torchao])"
     data: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "seq_len": 256,
-                            "torchao_skipped": skipped, "peak": [], "accuracy": {}, "memory_goal": [],
-                            "accuracy_goal": []}
+                            "torchao_skipped": skipped, "peak": [], "runs": [], "seeds": []}
     t_start = time.perf_counter()
     if "peak" in args.parts:
         labels = [k for k, c in PEAK_CONFIGS.items() if has_ao or c["kind"] != "torchao"]
         print("part 1: peak memory", flush=True)
         data["peak"] = run_peak(labels, 2 if args.quick else args.steps, args.batch, args.quick)
-        by = {r["label"]: r for r in data["peak"]}
-        ref = by["FP32 + AdamW"]
-        for label in ("bf16 + bf16 Kahan + 8-bit AdamW", "bf16 + bf16 Kahan + FP8-state AdamW",
-                      "fx8 + fx8 Kahan + 8-bit AdamW"):
-            r = by.get(label)
-            if r is None:
-                continue
-            fp32 = ref["bytes"]["total"] / ref["params"]
-            data["memory_goal"].append({
-                "label": label, "bytes_per_param": r["bytes_per_param"], "fp32_bytes_per_param": fp32,
-                "ratio": r["bytes_per_param"] / fp32, "ok": r["bytes_per_param"] / fp32 <= 0.5,
-                "peak_ratio": r["peak_rss"] / ref["peak_rss"],
-                "peak_saved_mib": (ref["peak_rss"] - r["peak_rss"]) / 2**20})
     if "accuracy" in args.parts:
         seeds = list(range(1 if args.quick else args.seeds))
         labels = [k for k, c in ACC_CONFIGS.items() if has_ao or c["kind"] != "torchao"]
@@ -404,17 +462,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jobs.sort(key=lambda j: j[0] == "digits")  # slow ones first
         print(f"part 2: {len(jobs)} accuracy runs", flush=True)
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            results = list(pool.map(acc_run, *zip(*jobs)))
+            data["runs"] = list(pool.map(acc_run, *zip(*jobs)))
         data["seeds"] = seeds
-        data["runs"] = results
-        data["accuracy"] = {t: summarise(results, t) for t in args.tasks}
-        data["accuracy_goal"] = accuracy_goals(data["accuracy"])
-    data["seeds"] = data.get("seeds", [])
     data["wall_time_s"] = time.perf_counter() - t_start
-    md = markdown(data) if data["peak"] else json.dumps(data["accuracy_goal"], indent=1)
-    print(md)
-    if not args.quick:
-        write_results("memory", data, md, command_line())
+    derive(data)
+    if args.quick:
+        print(markdown(data))
+    else:
+        print(_write(data, command_line(), None))
     return data
 
 

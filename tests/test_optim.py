@@ -285,6 +285,10 @@ MAKERS = {
     "adam_fx8": lambda ps: Compensated(torch.optim.Adam(ps, lr=1e-3), "fx8", "fx12"),
     "adamw_stochastic": lambda ps: Compensated(torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
                                                "fp8_e4m3", update="stochastic", seed=5),
+    "adam_8bit_state": lambda ps: Compensated(torch.optim.Adam(ps, lr=1e-3), "fx8", state_format="8bit"),
+    "sgd_fp8_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16", state_format="fp8"),
+    "sgd_bf16_stochastic_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16",
+                                                     state_format="bf16_stochastic", seed=3),
 }
 
 
@@ -422,6 +426,59 @@ def test_memory_is_measured_from_storages() -> None:
     shared = torch.nn.Parameter(torch.zeros(100))
     r = optimizer_memory(torch.optim.SGD([{"params": [shared]}], lr=0.1))
     assert r.weight == 400
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_state_formats_hold_buffers_compactly_and_close_to_fp32() -> None:
+    from adaprec.compact import StoredTensor
+    from adaprec.optim.state import dynamic_map
+
+    batches = _batches(15)
+    torch.manual_seed(0)
+    ref_model = torch.nn.Linear(12, 4)
+    ref = Compensated(torch.optim.Adam(ref_model.parameters(), lr=1e-3), "fp32", update="nearest")
+    _train(ref_model, ref, batches)
+    for fmt, tol in (("bf16", 0.02), ("8bit", 0.1), ("fp8", 0.1)):  # of the largest moment
+        torch.manual_seed(0)
+        model = torch.nn.Linear(12, 4)
+        opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-3), "fp32", update="nearest",
+                          state_format=fmt)
+        _train(model, opt, batches)
+        w = model.weight
+        st = opt.inner.state[w]
+        assert isinstance(st["exp_avg"], StoredTensor) and isinstance(st["exp_avg_sq"], StoredTensor)
+        assert type(st["step"]) is torch.Tensor  # the step counter stays as torch keeps it
+        m_ref = ref.inner.state[ref_model.weight]["exp_avg"]
+        assert ((st["exp_avg"].plain() - m_ref).abs() <= tol * m_ref.abs().max()).all(), fmt
+        assert (w - ref_model.weight).abs().max() < 1e-3, fmt
+    # The dynamic map: 255 signed values (zero once) and 256 unsigned ones, the largest exactly 1.
+    for signed, n, smallest in ((True, 255, 1e-6), (False, 256, 1e-7)):
+        m = dynamic_map(signed)
+        assert len(m) == n and float(m[-1]) == 1.0 and bool((m[1:] > m[:-1]).all())
+        assert float(m[m > 0].min()) == pytest.approx(smallest)
+    with pytest.raises(ValueError, match="unknown state_format 'int8'; use one of"):
+        KahanSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, state_format="int8")
+    with pytest.raises(ValueError, match="unknown state_format"):
+        Compensated(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), state_format="bf8")
+
+
+def test_stochastic_bf16_state_keeps_slow_averages_moving() -> None:
+    # An EMA with decay 0.999 of a constant 1: in bf16 rounded to nearest it stalls once 0.001 (1 - m) is
+    # under half a bf16 step of m; rounded stochastically it follows 1 - 0.999^t on average.
+    n, t = 2000, 1500
+    out = {}
+    for fmt in ("bf16", "bf16_stochastic", "fp32"):
+        p = torch.nn.Parameter(torch.zeros(n))
+        opt = KahanSGD([p], lr=0.0, momentum=0.999, dampening=0.999, weight_format="fp32", state_format=fmt,
+                       seed=0)
+        _const_grad_steps(opt, [p], 0.0, 1)  # the buffer starts as the first gradient: 0
+        _const_grad_steps(opt, [p], 1.0, t)
+        buf = opt.state[p]["momentum_buffer"]
+        out[fmt] = (buf.plain() if fmt != "fp32" else buf).mean().item()
+    exact = 1 - 0.999**t
+    assert abs(out["fp32"] - exact) < 1e-4
+    assert abs(out["bf16_stochastic"] - exact) < 0.01
+    assert out["bf16"] < exact - 0.1  # stalled
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -1,4 +1,5 @@
-"""Low-precision optimizer state: momentum and Adam's moments held in bf16 or in 8 bits.
+"""Low-precision optimizer state: momentum and Adam's moments held in bf16 or in 8 bits
+(docs/methods.md#optimizer-state).
 
 ``state_format=`` of :class:`~adaprec.optim.KahanSGD` and :class:`~adaprec.optim.Compensated` says how
 the parameter-sized state buffers (SGD's momentum, Adam's two moments, RMSprop's and Adagrad's
