@@ -223,14 +223,18 @@ class StoredTensor(Tensor):
         return out
 
     def set_parts_(self, parts: tuple[Tensor, ...], state: Tensor | None = None,
-                   codec: Codec | None = None) -> None:
-        """Replace the stored parts (and the state and codec, when given): an optimizer's write of
-        values it encoded itself. Only on the tensor itself, not on a view of it."""
+                   codec: Codec | None = None,
+                   fit: Callable[[Tensor], Tensor | None] | None = None) -> None:
+        """Replace the stored parts and the kept state (and the codec and the :attr:`fit` rule, when
+        given): an optimizer's write of values it encoded itself. Only on the tensor itself, not on a
+        view of it."""
         if self._vchain:
             raise RuntimeError("set_parts_ writes a whole stored tensor, not a view of one")
         b = self._held
         if codec is not None:
             b.codec = codec
+        if fit is not None:
+            b.fit = fit
         b.parts = tuple(parts)
         b.state = state
 

@@ -400,6 +400,10 @@ def derive(data: dict[str, Any]) -> dict[str, Any]:
     tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
     data["accuracy"] = {t: summarise(runs, t) for t in tasks}
     data["accuracy_goal"] = accuracy_goals(data["accuracy"])
+    for g in data["accuracy_goal"]:  # the gap beside each row too: digits in points, the LMs in percent
+        row = next(r for r in data["accuracy"][g["task"]] if r["label"] == g["label"])
+        row["gap_vs_fp32"] = g["gap"] if g["task"] == "digits" else 100 * g["gap"]
+        row["goal_met"] = g["ok"]
     return data
 
 

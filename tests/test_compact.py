@@ -22,7 +22,8 @@ PACKED = {
     "fp8_e5m2": (torch.float8_e5m2, 1.0), "fx4": (torch.int8, 1.0), "fx8": (torch.int8, 1.0),
     "fx12": (torch.int16, 2.0), "fx16": (torch.int16, 2.0), "fx25": (torch.int32, 4.0),
     "mxfp8": (torch.float8_e4m3fn, 1.0), "mxfp8_e5m2": (torch.float8_e5m2, 1.0),
-    "mxfp6": (torch.float8_e4m3fn, 1.0), "mxfp6_e3m2": (torch.float8_e4m3fn, 1.0), "mxint8": (torch.int8, 1.0),
+    "mxfp6": (torch.float8_e4m3fn, 1.0), "mxfp6_e3m2": (torch.float8_e4m3fn, 1.0),
+    "mxint8": (torch.int8, 1.0),
     "mxfp4": (torch.uint8, 0.5), "nvfp4": (torch.uint8, 0.5),
 }
 

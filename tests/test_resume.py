@@ -71,7 +71,8 @@ def _build(case: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
         opt = KahanSGD(model.parameters(), lr=0.05, momentum=0.9, weight_format="fp32", seed=7)
         policy, kw = CPT(bits=(4, 8), grad_bits=8, cycles=2), {"weight_storage": True}
     elif case == "kahan_adam_8bit":
-        opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-2), weight_format="bf16", state_format="8bit")
+        opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-2), weight_format="bf16",
+                          state_format="8bit")
         policy, kw = CPT(bits=(4, 8), grad_bits=8, cycles=2), {"weight_storage": True}
     elif case == "stochastic_bf16_state":
         opt = KahanSGD(model.parameters(), lr=0.05, momentum=0.9, weight_format="bf16", update="stochastic",

@@ -285,9 +285,10 @@ def _text_run(fmt: str, compact: bool, make, steps: int = 4, fail_at: int | None
 
 OPTIMIZERS = {
     "kahan_sgd": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16"),
-    "adam_8bit": lambda ps: Compensated(torch.optim.Adam(ps, lr=3e-3), weight_format="bf16", state_format="8bit"),
-    "sgd_sr_bf16_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16", update="stochastic",
-                                             state_format="bf16_stochastic"),
+    "adam_8bit": lambda ps: Compensated(torch.optim.Adam(ps, lr=3e-3), weight_format="bf16",
+                                        state_format="8bit"),
+    "sgd_sr_bf16_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16",
+                                             update="stochastic", state_format="bf16_stochastic"),
 }
 
 
@@ -318,7 +319,8 @@ def test_leaving_by_an_exception_gives_float32_parameters_back() -> None:
 def test_bf16_weights_bf16_compensation_and_8bit_adam_take_six_bytes() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = Compensated(torch.optim.AdamW(model.parameters(), lr=1e-3), weight_format="bf16", state_format="8bit")
+    opt = Compensated(torch.optim.AdamW(model.parameters(), lr=1e-3), weight_format="bf16",
+                      state_format="8bit")
     policy = Fixed(bits="bf16", act_bits="fp32", grad_bits="fp32")
     with adaprec.Controller(model, policy=policy, optimizer=opt, weight_storage=True) as ctl:
         for _ in range(2):

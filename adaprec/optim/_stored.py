@@ -183,8 +183,7 @@ class StoredParamsMixin:
                 parts = fmt.encode_stored(x, fl)
             if not is_stored(p):
                 hold(p, FormatCodec(fmt), fl, fit=storage.fit, owner=self._owners.get(id(p)))
-            p.set_parts_(parts, fl, p.codec if p.codec.name == fmt.short() else FormatCodec(fmt))
-            p._held.fit = storage.fit
+            p.set_parts_(parts, fl, p.codec if p.codec.name == fmt.short() else FormatCodec(fmt), storage.fit)
             return fmt.decode_stored(parts, fl, p.shape)
         if is_stored(p):
             release(p, owner=self._owners.get(id(p)))
