@@ -515,3 +515,14 @@ def test_fixed_point_storage_trains_digits_like_fp32() -> None:
     loss8n, _ = _digits_run(lambda ps: KahanSGD(ps, lr=0.05, weight_format="fx8", update="nearest"))
     assert abs(loss8k - loss32) < 0.02 and abs(acc8k - acc32) <= 0.02
     assert loss8n > loss8k + 0.2
+
+
+def test_memory_counts_a_tensor_subclass_state_by_its_parts() -> None:
+    optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (optional extra: "
+                                                        "pip install 'adaprec[torchao]')")
+    p = torch.nn.Parameter(torch.zeros(4096))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p]["exp_avg"] = optim.AdamW8bit._subclass_zeros(p, True, 256)  # torchao's 8-bit state
+    r = optimizer_memory(opt)
+    # codes (1 byte each), a float32 scale per 256 elements and the 256-entry map
+    assert r.optimizer_state == 4096 + 4096 // 256 * 4 + 256 * 4 and r.fp32_total == 2 * 4 * 4096
