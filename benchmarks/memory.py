@@ -29,12 +29,12 @@ No weight decay anywhere. The processes run one after another with one thread ea
 reflects what was live rather than the allocator's fragmentation; the same for every configuration).
 
 Part 2, accuracy. Three seeds each of the digits classifier (SGD with momentum 0.9), the character
-LSTM (Adam) and the GPT character LM at its ``tiny`` size (AdamW, cosine schedule) against FP32 master
-weights with the same optimizer; the low-precision configurations as above, plus FP32 master weights
+LSTM (Adam) and the GPT character LM at its ``tiny`` size (AdamW at lr 1e-3, cosine schedule) against FP32
+master weights with the same optimizer; the low-precision configurations as above, plus FP32 master weights
 with each 8-bit state (adaprec's dynamic and FP8, torchao's AdamW8bit) to see what the state alone
 costs. On digits the state is SGD's momentum (``KahanSGD(..., state_format=...)``; torchao has no 8-bit
-SGD). Goals: validation loss within 1 % of FP32 master on the two language models, test accuracy within
-0.3 points on digits.
+SGD). Goals: validation loss at most 1 % above FP32 master on the two language models, test accuracy at
+most 0.3 points below on digits.
 
 Writes ``benchmarks/results/memory.{json,md}``. Run: ``python benchmarks/memory.py`` (about 40
 minutes on two busy cores); ``--quick`` measures two steps of a 2-block GPT and runs one epoch of one
@@ -87,8 +87,10 @@ TASKS: dict[str, dict[str, Any]] = {
                          "max_eval_chars": 8_000},
                "train": {"epochs": 4, "batch_size": 16, "lr": 0.004},
                "optimizer": "adam", "metrics": ["val_loss", "bpc"]},
+    # lr 1e-3, not the task's default 3e-3: at 3e-3 FP32 itself is unstable at this size and length (one
+    # seed of three stalled at a loss of 3.1 against 2.5), which would swamp a 1 % comparison.
     "gptlm": {"build": {"preset": "tiny", "max_chars": 120_000, "max_eval_chars": 8_000},
-              "train": {"epochs": 5, "batch_size": 32, "lr": 0.003, "lr_schedule": "cosine"},
+              "train": {"epochs": 5, "batch_size": 32, "lr": 0.001, "lr_schedule": "cosine"},
               "optimizer": "adamw", "metrics": ["val_loss", "bpc"]},
 }
 
@@ -358,7 +360,8 @@ def markdown(data: dict[str, Any]) -> str:
                     cells.append(f"{r[m] * scale:.3f} ± {r[m + '_std'] * scale:.3f}")
                 lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['bytes_per_param']:.2f} |")
             lines.append("")
-        lines += ["### Goals: loss within 1 % (language models), accuracy within 0.3 points (digits)", "",
+        lines += ["### Goals: validation loss at most 1 % above FP32 master (language models), test accuracy "
+                  "at most 0.3 points below (digits); the signed gap, negative = better than FP32", "",
                   "| task | configuration | gap | goal |", "|---|---|---|---|"]
         for g in data["accuracy_goal"]:
             gap = f"{g['gap']:+.2f} points" if g["task"] == "digits" else f"{100 * g['gap']:+.2f} %"

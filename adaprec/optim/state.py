@@ -31,6 +31,12 @@ and ``F = 6 - E`` for ``E = 0..6`` (smallest nonzero magnitude ``10^-6``); a buf
 value (Adam's second moment) uses all eight bits for the magnitude, ``F = 7 - E`` for ``E = 0..7``
 (smallest ``10^-7``). Zero is exact, and so is each block's largest magnitude (the map's value 1).
 Which of the two maps a buffer uses is decided at each encode from its values, and recorded with it.
+
+One departure from rounding to nearest, in both 8-bit formats: in a buffer without negative values
+(Adam's second moment ``v``) a positive value never rounds to zero, it becomes the format's smallest
+positive value instead. A ``v`` rounded to zero would turn Adam's step for that element into ``m / eps``
+— a jump of up to ``10^4`` times the learning rate where ``m`` survived the rounding; overstating a tiny
+``v`` only makes that element's step smaller.
 Compensated ("Kahan") bf16 state would cost two bf16 words per element, as much as float32, and is not
 offered.
 
@@ -62,6 +68,9 @@ STATE_FORMATS = ("fp32", "bf16", "bf16_stochastic", "8bit", "fp8")
 
 #: Elements per block of the 8-bit state (one float32 scale each).
 BLOCK = 2048
+
+#: The smallest positive FP8 E4M3 value (a subnormal).
+_E4M3_TINY = 2.0**-9
 
 
 class StateFormat:
@@ -179,6 +188,8 @@ class Blockwise8bitState(StateFormat):
         signed = bool(flat.min() < 0)
         # The nearest map value (a tie goes to the lower one).
         codes = torch.bucketize(blocks / safe[:, None], _midpoints(signed, str(x.device)))
+        if not signed:  # a positive value never becomes 0 (module docstring)
+            codes = torch.where(blocks > 0, codes.clamp_min(1), codes)
         codes = codes.to(torch.uint8).reshape(-1)[:n]
         return codes.clone(), absmax, torch.tensor(signed, device=x.device)
 
@@ -221,7 +232,10 @@ class BlockwiseFP8State(StateFormat):
         absmax = blocks.abs().amax(1)
         e = torch.ceil(torch.log2(absmax / 448.0))
         e = torch.where(absmax > 0, e, torch.zeros_like(e)).clamp_(-126, 127)
-        codes = (blocks / torch.exp2(e)[:, None]).to(torch.float8_e4m3fn).reshape(-1)[:n]
+        v = blocks / torch.exp2(e)[:, None]
+        if not bool(flat.min() < 0):  # a positive value never becomes 0 (module docstring)
+            v = torch.where(v > 0, v.clamp_min(_E4M3_TINY), v)
+        codes = v.to(torch.float8_e4m3fn).reshape(-1)[:n]
         return codes.clone(), e.to(torch.int8)
 
     def decode(self, parts: tuple[Tensor, ...], state: Tensor | None, shape: torch.Size) -> Tensor:
