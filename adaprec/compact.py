@@ -299,13 +299,17 @@ class StoredTensor(Tensor):
     # shape and the views are the context, which compiled code guards on. A format change within one
     # codec's dtype (fx6 -> fx8: int8 codes, the scale in the state tensor) therefore never recompiles.
     def __tensor_flatten__(self) -> tuple[list[str], Any]:
-        names = [f"_p{i}" for i in range(len(self.parts))]
-        for n, p in zip(names, self.parts):
-            object.__setattr__(self, n, p)
-        if self.state is not None:
-            object.__setattr__(self, "_st", self.state)
-            names.append("_st")
+        names = [f"_p{i}" for i in range(len(self.parts))] + (["_st"] if self.state is not None else [])
         return names, (self._held.codec, tuple(self._held.shape), self._vchain)
+
+    def __getattr__(self, name: str) -> Any:
+        # The inner tensors by the names __tensor_flatten__ gives, read from the shared parts (never
+        # cached on the instance: an optimizer replaces the parts at every step).
+        if name == "_st":
+            return self._held.state
+        if name.startswith("_p") and name[2:].isdigit():
+            return self._held.parts[int(name[2:])]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _stable_hash_for_caching(self) -> str:
         # What compiled code depends on (the context above), for torch's compiled-graph cache.
