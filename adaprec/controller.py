@@ -114,10 +114,15 @@ class Report(dict):
     ``observed``                ``{name: value}``: the last value of every scalar given to
                                 ``ctl.observe()`` (``loss``, ``val_acc``, ...) or published by an
                                 observer into ``ctl.stats``
-    ``bytes_per_param``         (with ``optimizer=``) modelled bytes per parameter: weight +
-                                compensation + optimizer state
-    ``memory_per_param``        those three parts, ``{part: bytes}``
-    ``memory_vs_fp32``          total over the same with FP32 weights (fraction; 1.0 = the same)
+    ``bytes_per_param``         (with ``optimizer=``) measured bytes per parameter of the storages
+                                holding the parameters, the Kahan compensation and the optimizer
+                                state, each storage counted once (``adaprec.optim.optimizer_memory``);
+                                with weight storage held compactly, after the block: as at its end
+    ``memory_per_param``        those three parts, ``{"weight", "compensation", "optimizer_state"}``
+    ``gradient_bytes_per_param``  bytes per parameter of the gradients held when measured (not in
+                                ``bytes_per_param``: they exist between backward and zero_grad)
+    ``memory_vs_fp32``          ``bytes_per_param`` over the same parameters and optimizer state in
+                                float32 (fraction; 1.0 = the same)
     ``weight_storage``          how the weights are stored (``fp32 master``, or the formats)
     ``cpt_bounds``, ``prt_steps``  (CPT) ``"B_min-B_max"`` or ``"searching"``; range-test iterations
     ``modelled_speedup_vs_fp32``   (MuPPET, or ``adaprec.timemodel``) ``{gpu: factor}``
@@ -189,9 +194,9 @@ class Controller:
         classifier_floor: keep the classifier at ``ceil(log2 C) + 1 + 2`` bits
             (:class:`~adaprec.constraints.ClassifierFloor`, applied before ``constraints``): ``True``
             (default: auto-detected layer), ``False``, or a configured ``ClassifierFloor``.
-        weight_storage: store the weights in the decided weight formats, no FP32 master
-            (:mod:`adaprec.storage_mode`; needs an ``adaprec.optim`` optimizer): ``False`` (default),
-            ``True`` or a configured ``StorageMode``.
+        weight_storage: store the weights in the decided weight formats, no FP32 master, held in
+            their storage types inside the block (:mod:`adaprec.storage_mode`; needs an
+            ``adaprec.optim`` optimizer): ``False`` (default), ``True`` or a configured ``StorageMode``.
 
     Leaving the ``with`` block — normally or by an exception — restores the model exactly. The block
     is sugar over :meth:`start` and :meth:`close`, and :meth:`epoch` over :meth:`begin_epoch` and
@@ -539,6 +544,8 @@ class Controller:
             if self._active:
                 self.policy.detach()
         finally:
+            if self.weight_storage is not None:  # float32 parameters back before the model is left
+                self.weight_storage.release()
             self.backend.detach()
             unregister_rng(self._rng_key)
             _ACTIVE.discard(self.model)

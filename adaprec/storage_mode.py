@@ -8,6 +8,19 @@ compensation, plain or stochastic rounding, as it was built), and whenever the c
 layer's weight format (``Event.PRECISION_CHANGED``) the layer's stored weights are recombined and
 re-split, ``w_hp = w + c; w = Q_w(w_hp); c = w_hp - w``, layer by layer.
 
+Held in their storage type (``compact=True``, the default). From the first decision to the end of
+the block, every parameter the optimizer holds in a format with a compact form is a
+:class:`~adaprec.compact.StoredTensor`: bf16/fp16 values, FP8 codes, ``int8``/``int16``/``int32``
+fixed-point codes with the kept scale, block codes with block scales (MX, NVFP4). The parameter objects
+stay the same (the optimizer, the modules and ``state_dict()`` keys see no difference) and read as
+float32 tensors wherever they are used; a layer whose weights lie on its weight format's own grid
+(:meth:`~adaprec.formats.Format.keeps_stored`) skips its weight quantization and computes with the
+stored tensor directly, so the tensors its operations save for the backward pass stay compact too.
+The compensation is held in its own format, gradients arrive in float32 (as many bytes as a float32
+parameter, between ``backward()`` and ``zero_grad()``). Leaving the block — normally or by an exception
+— gives the model float32 parameters holding the stored values. ``compact=False`` keeps float32
+tensors holding the format's values (the simulation: same numbers, no memory saved).
+
 Which tensors: the weight tensors the backend quantizes (``weight`` of Linear/Conv, every ``weight_*``
 of an RNN, the in- and out-projection weights of attention). Everything else the optimizer holds
 (biases, norms, embeddings, layers left out of quantization) stays in the optimizer's own
@@ -17,8 +30,9 @@ How a decision's weight format becomes a storage format (:func:`storage_spec`):
 
 * ``FixedPoint(b)`` -> ``b``-bit fixed point whose fractional length is chosen at each split and then
   kept (the backend's fixed point re-picks its scale every call; a stored weight cannot). Widths above
-  25 bits cannot be held exactly in the float32 tensors of the simulation and are stored as FP32;
-* ``FloatFormat`` (bf16, fp16, fp8) -> the same float format; ``FP32`` -> FP32;
+  25 bits cannot be held exactly in float32 and are stored as FP32;
+* ``FloatFormat`` (bf16, fp16, fp8) -> the same float format (FP8 on its raw grid); ``FP32`` -> FP32;
+  block-scaled formats -> the same format, blocks along the tensor's last dimension;
 * ``IntFormat(b)`` (CPT's min-max grid, re-fitted to the tensor at every call) has no fixed grid to
   store on. ``int_formats="fixed"`` (default) stores ``max(b, 2)``-bit fixed point — the same width — and
   the backend still rounds that to its min-max grid in each forward; ``int_formats="error"`` refuses.
@@ -26,7 +40,7 @@ How a decision's weight format becomes a storage format (:func:`storage_spec`):
 The compensation is the optimizer's ``comp_format`` (default: as wide as the weight) unless
 ``StorageMode(comp_format=...)`` says otherwise (Kahan optimizers only). Storage follows the training
 decision; a policy's separate evaluation precision only changes the fake-quantized forward in
-``model.eval()``.
+``model.eval()``. ``ctl.report()`` measures the bytes held (:func:`memory_section`).
 
 Example:
     >>> import torch, adaprec
@@ -39,16 +53,20 @@ Example:
     >>> with adaprec.Controller(model, policy=policy, optimizer=opt, weight_storage=True) as ctl:
     ...     x, y = torch.randn(4, 8), torch.randint(0, 10, (4,))
     ...     F.cross_entropy(model(x), y).backward(); opt.step()
+    ...     held = model[0].weight.parts[0].dtype      # int8 codes inside the block
+    >>> held, type(model[0].weight).__name__        # a float32 Parameter again afterwards
+    (torch.int8, 'Parameter')
     >>> ctl.weight_storage.formats       # the classifier floor keeps layer "2" at 7 bits
     {'0': 'fx4', '2': 'fx7'}
     >>> r = ctl.report()                 # biases stay in the optimizer's own format (fp32 here)
-    >>> r["weight_storage"], r["memory_per_param"]["weight"]
-    ('fx4, fx7; others fp32', 0.981)
+    >>> r["weight_storage"], r["memory_per_param"]["weight"]   # measured bytes per parameter
+    ('fx4, fx7; others fp32', 1.274)
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +141,10 @@ class StorageMode:
             the weight's width (a fixed-point one is dropped for float or FP32 weights).
         int_formats: ``"fixed"`` stores an ``IntFormat(b)`` decision as ``b``-bit fixed point;
             ``"error"`` refuses such policies (module docstring).
+        compact: hold the parameters in their storage type inside the block (default), or keep
+            float32 tensors holding the formats' values (``False``: the same numbers, no memory
+            saved). Where torch cannot swap the parameters in place (under DDP, whose reducer refers
+            to them), weight storage warns and goes on as with ``False``.
 
     :attr:`formats` maps each stored layer to its storage format; :attr:`resplits` counts the
     layer format changes applied (the first split of each layer included). Per-layer formats are
@@ -131,10 +153,13 @@ class StorageMode:
 
     Example:
         >>> StorageMode(int_formats="error")
-        StorageMode(comp_format=None, int_formats='error')
+        StorageMode(comp_format=None, int_formats='error', compact=True)
     """
 
-    def __init__(self, *, comp_format: object = None, int_formats: str = "fixed") -> None:
+    def __init__(self, *, comp_format: object = None, int_formats: str = "fixed",
+                 compact: bool = True) -> None:
+        if not isinstance(compact, bool):
+            raise TypeError(f"compact must be True or False, got {compact!r}")
         if int_formats not in INT_FORMAT_RULES:
             raise ValueError(f"int_formats must be one of {INT_FORMAT_RULES}, got {int_formats!r}")
         if comp_format is not None:
@@ -148,14 +173,17 @@ class StorageMode:
             comp_format = c.short()
         self.comp_format = comp_format
         self.int_formats = int_formats
+        self.compact = compact
         self.formats: dict[str, str] = {}
+        self.memory_at_release: Any = None
         self.resplits = 0
         self.ctl: Any = None
         self._weights: dict[str, list[Tensor]] = {}
         self._handle: Any = None
 
     def __repr__(self) -> str:
-        return f"StorageMode(comp_format={self.comp_format!r}, int_formats={self.int_formats!r})"
+        return (f"StorageMode(comp_format={self.comp_format!r}, int_formats={self.int_formats!r}, "
+                f"compact={self.compact!r})")
 
     # ------------------------------------------------------------------ wiring
     def attach(self, ctl: Any) -> StorageMode:
@@ -204,6 +232,21 @@ class StorageMode:
             self._handle.remove()
         self._handle, self.ctl = None, None
 
+    def release(self) -> None:
+        """Give the model float32 parameters holding the stored values (the controller calls this when
+        its block ends, also after an exception); the memory held until then stays in the report."""
+        ctl = self.ctl
+        if ctl is None:
+            return
+        opt = ctl.optimizer
+        for name in self._weights:
+            site = getattr(ctl.backend, "sites", {}).get(name)
+            if site is not None:
+                site.stored_weight = None
+        if opt.holds_params:
+            self.memory_at_release = optimizer_memory(opt)
+            opt.release_params()
+
     def _on_change(self, ctl: Any, new: dict[str, Precision] | None = None, **_: Any) -> None:
         if new:
             self.apply(new)
@@ -249,6 +292,27 @@ class StorageMode:
         if changed:
             log.debug("adaprec: weight storage re-split %s", {n: targets[n] for n in changed})
         self.formats.update(targets)
+        if self.compact and not opt.holds_params:
+            try:
+                opt.hold_params(self.ctl.model)
+            except RuntimeError as e:  # e.g. DDP's reducer refers to the parameters: keep float32 tensors
+                opt.release_params()
+                self.compact = False
+                warnings.warn("adaprec: weight storage cannot hold the parameters in their storage types "
+                              f"here: torch cannot swap them in place ({e.__cause__ or e}); it goes on with "
+                              "float32 tensors holding the stored values (the same numbers, no memory "
+                              "saved). StorageMode(compact=False) asks for that upfront", stacklevel=2)
+        # A layer whose weights lie on its weight format's own grid needs no weight quantization.
+        sites = getattr(self.ctl.backend, "sites", {})
+        for name, spec in targets.items():
+            site = sites.get(name)
+            if site is None:
+                continue
+            fmt = layers[name].weight
+            keeps = all(opt.param_format(w) is not None and opt.param_format(w)[0] == spec
+                        for w in self._weights[name])
+            site.stored_weight = fmt if keeps and spec == fmt.storage().short() and \
+                fmt.keeps_stored(site.kind.axis) else None
 
 
 def _finer(a: str, b: str) -> bool:
@@ -273,44 +337,28 @@ def make_storage_mode(spec: bool | StorageMode | None) -> StorageMode | None:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _measured(opt: torch.optim.Optimizer) -> dict[str, float]:
-    """Bytes of an optimizer we have no model for: its weights' dtype and its parameter-sized state."""
-    n = weight = state = 0.0
-    for g in opt.param_groups:
-        for p in g["params"]:
-            n += p.numel()
-            weight += p.numel() * p.element_size()
-            for v in opt.state.get(p, {}).values():
-                if isinstance(v, Tensor) and v.numel() == p.numel():
-                    state += v.numel() * v.element_size()
-    return {"params": n, "weight": weight, "compensation": 0.0, "optimizer_state": state,
-            "fp32_total": n * 4.0 + state}
-
-
 def memory_section(ctl: Any) -> Callable[[], dict[str, Any]]:
-    """A report section: modelled bytes per parameter of weights + compensation + optimizer state.
+    """A report section: the measured bytes per parameter of weights, compensation and optimizer state
+    (:func:`adaprec.optim.optimizer_memory`), and of the gradients held at that moment.
 
-    ``adaprec.optim`` optimizers are counted in their storage formats (per-layer formats of storage
-    mode included); plain torch optimizers keep FP32 weights (the master copy; a fake-quantized forward
-    stores nothing extra) plus their state buffers in FP32; other optimizers are measured from their
-    state tensors. ``memory_vs_fp32`` is the total over FP32 weights with the same optimizer.
+    Measured when the report is made; for weight storage that held the parameters compactly, after the
+    block the figures are those measured when it ended (the model holds float32 parameters again).
+    ``memory_vs_fp32`` is the total over the same parameters and optimizer state in float32.
     """
 
     def section() -> dict[str, Any]:
         opt = ctl.optimizer
-        try:
-            r = optimizer_memory(opt)
-            d = {"params": r.params, "weight": r.weight, "compensation": r.compensation,
-                 "optimizer_state": r.optimizer_state, "fp32_total": r.fp32_total}
-        except TypeError:
-            d = _measured(opt)
-        n = d["params"] or 1
-        total = d["weight"] + d["compensation"] + d["optimizer_state"]
+        mode = ctl.weight_storage
+        held = mode is not None and mode.memory_at_release is not None and not _holds(opt)
+        r = mode.memory_at_release if held else optimizer_memory(opt)
+        n = r.params or 1
         out: dict[str, Any] = {
-            "bytes_per_param": round(total / n, 3),
-            "memory_per_param": {k: round(d[k] / n, 3)
-                                 for k in ("weight", "compensation", "optimizer_state")},
-            "memory_vs_fp32": round(total / d["fp32_total"], 4) if d["fp32_total"] else 1.0,
+            "bytes_per_param": round(r.total / n, 3),
+            "memory_per_param": {"weight": round(r.weight / n, 3),
+                                 "compensation": round(r.compensation / n, 3),
+                                 "optimizer_state": round(r.optimizer_state / n, 3)},
+            "gradient_bytes_per_param": round(r.gradients / n, 3),
+            "memory_vs_fp32": round(r.total / r.fp32_total, 4) if r.fp32_total else 1.0,
         }
         if isinstance(opt, StoredParamsMixin):
             own = {p: opt.param_format(p) for g in opt.param_groups for p in g["params"]}
@@ -324,3 +372,7 @@ def memory_section(ctl: Any) -> Callable[[], dict[str, Any]]:
         return out
 
     return section
+
+
+def _holds(opt: Any) -> bool:
+    return bool(getattr(opt, "holds_params", False))

@@ -8,9 +8,12 @@ format, activations and errors FP32). Each format is written back three ways: pl
 (``nearest``), stochastic rounding, and Kahan compensation (compensation as wide as the weight). The
 reference is FP32 training (FP32 master weights, plain optimizer); also FP32 master weights with the
 forward fake-quantized to fx8, the usual quantization-aware setting. One lean
-variant keeps 16-bit weights with an 8-bit compensation. Bytes per parameter are the modelled packed
-sizes (``ctl.report()["bytes_per_param"]``: weight + compensation + optimizer state). The classifier floor
-is off in part 1, so that every weight really is stored at the stated width.
+variant keeps 16-bit weights with an 8-bit compensation. Bytes per parameter are measured from the
+storages holding the weights, compensation and optimizer state at the end of the run
+(``ctl.report()["bytes_per_param"]``; weights held in their storage types, optimizer state in FP32; the
+small models' biases, kept in FP32, and per-tensor scales weigh in). ``benchmarks/memory.py`` measures
+low-precision optimizer state and peak memory. The classifier floor is off in part 1, so that every
+weight really is stored at the stated width.
 
 Part 2 (docs/methods.md#classifier-floor). A run that violates the floor: 8-bit CPT precision everywhere, but
 the classifier's output error (the gradient at the logits) at 4 bits with round-to-nearest, classifier floor
@@ -251,12 +254,14 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append(f"Mean ± standard deviation over seeds {data['seeds']}; total wall time "
                  f"{data['wall_time_s']:.0f} s with {data['workers']} worker processes.")
     lines += ["", "Notes:", "",
-              "- Memory is modelled (packed formats; the simulation keeps float32 tensors). A same-width "
-              "Kahan compensation stores 2n bits per weight: at n = 16 exactly the 32 bits of the FP32 "
+              "- Memory is measured (weights held in their storage types; fixed point in whole bytes: "
+              "fx12 in int16 codes). A same-width Kahan compensation stores 2n bits per weight: at n = 16 "
+              "exactly the 32 bits of the FP32 "
               "master it replaces. With an FP32 optimizer state of S bytes per parameter (SGD momentum 4, "
               "Adam 8) FP32 master costs 4 + S and 16-bit storage 2 + c + S >= (4 + S) / 2 for any "
               "compensation c >= 0: no 16-bit storage, compensated or not, gets below half of the "
-              "FP32-master memory unless the optimizer state is stored in low precision too.",
+              "FP32-master memory unless the optimizer state is stored in low precision too "
+              "(state_format=, benchmarks/memory.py).",
               f"- The digits test set has {data.get('digits_test_size', 'n/a')} images: one image is "
               f"{100 / data['digits_test_size']:.2f} points." if data.get("digits_test_size") else
               "- (digits not run)",

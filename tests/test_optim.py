@@ -15,7 +15,6 @@ from adaprec.optim import (
     Compensated,
     KahanSGD,
     Storage,
-    bytes_per_param,
     optimizer_memory,
     resplit,
     storage_format,
@@ -286,6 +285,10 @@ MAKERS = {
     "adam_fx8": lambda ps: Compensated(torch.optim.Adam(ps, lr=1e-3), "fx8", "fx12"),
     "adamw_stochastic": lambda ps: Compensated(torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
                                                "fp8_e4m3", update="stochastic", seed=5),
+    "adam_8bit_state": lambda ps: Compensated(torch.optim.Adam(ps, lr=1e-3), "fx8", state_format="8bit"),
+    "sgd_fp8_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16", state_format="fp8"),
+    "sgd_bf16_stochastic_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16",
+                                                     state_format="bf16_stochastic", seed=3),
 }
 
 
@@ -399,28 +402,83 @@ def test_unsupported_inner_optimizer(inner) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def test_memory_accounting() -> None:
-    assert bytes_per_param("fx8").total == 2.0
-    assert bytes_per_param("fx8", update="nearest").total == 1.0
-    assert bytes_per_param("fx12", "fx16").weight == 1.5
-    assert bytes_per_param("bf16", state_buffers=1).total == 8.0
-    assert bytes_per_param("fp32", update="nearest", state_buffers=2).total == 12.0
-    with pytest.raises(ValueError, match="state_buffers"):
-        bytes_per_param("fx8", state_buffers=-1)
-
+def test_memory_is_measured_from_storages() -> None:
     lin = torch.nn.Linear(64, 10)
-    r = optimizer_memory(KahanSGD(lin.parameters(), lr=0.1, momentum=0.9, weight_format="fx8"))
-    assert (r.params, r.per_param, r.fp32_total) == (650, 6.0, 650 * 8.0)
-    assert r.savings_vs_fp32 == 0.25
-    r = optimizer_memory(Compensated(torch.optim.Adam(lin.parameters()), "bf16"))
-    assert r.per_param == 12.0 and r.savings_vs_fp32 == 0.0
-    r = optimizer_memory(Compensated(torch.optim.Adam(lin.parameters()), "fx8", update="stochastic"))
-    assert r.per_param == 9.0
-    assert optimizer_memory(torch.optim.Adam(lin.parameters(), amsgrad=True)).per_param == 16.0
-    rms = torch.optim.RMSprop(lin.parameters(), momentum=0.9, centered=True)
-    assert optimizer_memory(rms).per_param == 16.0
-    with pytest.raises(TypeError, match="no memory model"):
-        optimizer_memory(torch.optim.Adamax(lin.parameters()))
+    n = 650
+    r = optimizer_memory(torch.optim.Adam(lin.parameters()))
+    assert (r.params, r.weight, r.compensation, r.optimizer_state, r.gradients) == (n, 4 * n, 0, 0, 0)
+    assert r.fp32_total == 4 * n  # Adam's moments do not exist before the first step
+    opt = torch.optim.Adam(lin.parameters())
+    F.cross_entropy(lin(torch.randn(4, 64)), torch.randint(0, 10, (4,))).backward()
+    opt.step()
+    r = optimizer_memory(opt)
+    assert r.optimizer_state == 8 * n + 2 * 4 and r.gradients == 4 * n  # two moments, two step counters
+    assert r.fp32_total == r.total and r.savings_vs_fp32 == 0.0
+    # fx8 weights (float32 tensors here: the simulation) with an int8 compensation and 8-bit momentum.
+    opt = KahanSGD(lin.parameters(), lr=0.1, momentum=0.9, weight_format="fx8", state_format="8bit")
+    F.cross_entropy(lin(torch.randn(4, 64)), torch.randint(0, 10, (4,))).backward()
+    opt.step()
+    r = optimizer_memory(opt)
+    assert r.weight == 4 * n and r.compensation == n + 2 * 4  # codes + FL_c per tensor
+    # momentum: codes (1 B), one float32 block scale and a sign flag per tensor; w_fl 4 B per tensor
+    assert r.optimizer_state == n + 2 * (4 + 1) + 2 * 4
+    # A view shares its base's storage: counted once.
+    shared = torch.nn.Parameter(torch.zeros(100))
+    r = optimizer_memory(torch.optim.SGD([{"params": [shared]}], lr=0.1))
+    assert r.weight == 400
+
+
+# ---------------------------------------------------------------------------------------------- state
+def test_state_formats_hold_buffers_compactly_and_close_to_fp32() -> None:
+    from adaprec.compact import StoredTensor
+    from adaprec.optim.state import dynamic_map
+
+    batches = _batches(15)
+    torch.manual_seed(0)
+    ref_model = torch.nn.Linear(12, 4)
+    ref = Compensated(torch.optim.Adam(ref_model.parameters(), lr=1e-3), "fp32", update="nearest")
+    _train(ref_model, ref, batches)
+    for fmt, tol in (("bf16", 0.02), ("8bit", 0.1), ("fp8", 0.1)):  # of the largest moment
+        torch.manual_seed(0)
+        model = torch.nn.Linear(12, 4)
+        opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-3), "fp32", update="nearest",
+                          state_format=fmt)
+        _train(model, opt, batches)
+        w = model.weight
+        st = opt.inner.state[w]
+        assert isinstance(st["exp_avg"], StoredTensor) and isinstance(st["exp_avg_sq"], StoredTensor)
+        assert type(st["step"]) is torch.Tensor  # the step counter stays as torch keeps it
+        m_ref = ref.inner.state[ref_model.weight]["exp_avg"]
+        assert ((st["exp_avg"].plain() - m_ref).abs() <= tol * m_ref.abs().max()).all(), fmt
+        assert (w - ref_model.weight).abs().max() < 1e-3, fmt
+    # The dynamic map: 255 signed values (zero once) and 256 unsigned ones, the largest exactly 1.
+    for signed, n, smallest in ((True, 255, 1e-6), (False, 256, 1e-7)):
+        m = dynamic_map(signed)
+        assert len(m) == n and float(m[-1]) == 1.0 and bool((m[1:] > m[:-1]).all())
+        assert float(m[m > 0].min()) == pytest.approx(smallest)
+    with pytest.raises(ValueError, match="unknown state_format 'int8'; use one of"):
+        KahanSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, state_format="int8")
+    with pytest.raises(ValueError, match="unknown state_format"):
+        Compensated(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), state_format="bf8")
+
+
+def test_stochastic_bf16_state_keeps_slow_averages_moving() -> None:
+    # An EMA with decay 0.999 of a constant 1: in bf16 rounded to nearest it stalls once 0.001 (1 - m) is
+    # under half a bf16 step of m; rounded stochastically it follows 1 - 0.999^t on average.
+    n, t = 2000, 1500
+    out = {}
+    for fmt in ("bf16", "bf16_stochastic", "fp32"):
+        p = torch.nn.Parameter(torch.zeros(n))
+        opt = KahanSGD([p], lr=0.0, momentum=0.999, dampening=0.999, weight_format="fp32", state_format=fmt,
+                       seed=0)
+        _const_grad_steps(opt, [p], 0.0, 1)  # the buffer starts as the first gradient: 0
+        _const_grad_steps(opt, [p], 1.0, t)
+        buf = opt.state[p]["momentum_buffer"]
+        out[fmt] = (buf.plain() if fmt != "fp32" else buf).mean().item()
+    exact = 1 - 0.999**t
+    assert abs(out["fp32"] - exact) < 1e-4
+    assert abs(out["bf16_stochastic"] - exact) < 0.01
+    assert out["bf16"] < exact - 0.1  # stalled
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -457,3 +515,14 @@ def test_fixed_point_storage_trains_digits_like_fp32() -> None:
     loss8n, _ = _digits_run(lambda ps: KahanSGD(ps, lr=0.05, weight_format="fx8", update="nearest"))
     assert abs(loss8k - loss32) < 0.02 and abs(acc8k - acc32) <= 0.02
     assert loss8n > loss8k + 0.2
+
+
+def test_memory_counts_a_tensor_subclass_state_by_its_parts() -> None:
+    optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (optional extra: "
+                                                        "pip install 'adaprec[torchao]')")
+    p = torch.nn.Parameter(torch.zeros(4096))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p]["exp_avg"] = optim.AdamW8bit._subclass_zeros(p, True, 256)  # torchao's 8-bit state
+    r = optimizer_memory(opt)
+    # codes (1 byte each), a float32 scale per 256 elements and the 256-entry map
+    assert r.optimizer_state == 4096 + 4096 // 256 * 4 + 256 * 4 and r.fp32_total == 2 * 4 * 4096

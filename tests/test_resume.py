@@ -47,6 +47,10 @@ CASES: dict[str, tuple[int, int]] = {
     "muppet": (12, 5),    # diversity windows {0,1}, {2,3}, {4,5}, ...: stops with epoch 4 in the window
     "kahan": (5, 2),      # CPT decisions stored as the weights' own format by KahanSGD
     "loss": (4, 2),       # decisions read the observed loss (ctl.stats): it is part of the state
+    # Weights held compactly (int8 codes) with Adam's moments in 8 bits; stochastic rounding of the
+    # weights and of a bf16 momentum (the optimizer's own generator).
+    "kahan_adam_8bit": (5, 2),
+    "stochastic_bf16_state": (5, 2),
 }
 BATCHES = 4
 
@@ -58,7 +62,7 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _build(case: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
-    from adaprec.optim import KahanSGD
+    from adaprec.optim import Compensated, KahanSGD
     from adaprec.policies import CPT, Fixed, MuPPET
 
     torch.manual_seed(0)
@@ -67,6 +71,14 @@ def _build(case: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     kw: dict[str, Any] = {}
     if case == "kahan":
         opt = KahanSGD(model.parameters(), lr=0.05, momentum=0.9, weight_format="fp32", seed=7)
+        policy, kw = CPT(bits=(4, 8), grad_bits=8, cycles=2), {"weight_storage": True}
+    elif case == "kahan_adam_8bit":
+        opt = Compensated(torch.optim.Adam(model.parameters(), lr=1e-2), weight_format="bf16",
+                          state_format="8bit")
+        policy, kw = CPT(bits=(4, 8), grad_bits=8, cycles=2), {"weight_storage": True}
+    elif case == "stochastic_bf16_state":
+        opt = KahanSGD(model.parameters(), lr=0.05, momentum=0.9, weight_format="bf16", update="stochastic",
+                       state_format="bf16_stochastic", seed=7)
         policy, kw = CPT(bits=(4, 8), grad_bits=8, cycles=2), {"weight_storage": True}
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)

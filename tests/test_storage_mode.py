@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaprec
+from adaprec.compact import StoredTensor
 from adaprec.decision import Decision
 from adaprec.formats import FP32, FixedPoint, FloatFormat, IntFormat, Precision
 from adaprec.optim import Compensated, KahanSGD
@@ -77,12 +78,18 @@ def test_stored_weights_follow_the_decision_per_layer() -> None:
             assert _on_grid(w.detach(), opt.state[w]["w_fl"], bits)
             assert opt.param_format(model.get_submodule(name).bias) is None
         assert model[0].bias.detach().unique().numel() > 8  # not rounded to a 4-bit grid
+        # Held in int8 codes (the biases, stored in fp32, stay plain float32 tensors).
+        assert isinstance(model[0].weight, StoredTensor) and model[0].weight.parts[0].dtype == torch.int8
+        assert not isinstance(model[0].bias, StoredTensor)
         r = ctl.report()
+    assert type(model[0].weight) is nn.Parameter  # float32 parameters again after the block
     assert r["weight_storage"] == "fx4, fx5; others fp32"
     n = sum(p.numel() for p in model.parameters())
-    exp_w = (12 * 16 * 0.5 + 16 * 4 * 0.625 + (16 + 4) * 4) / n
+    # Measured: 1-byte codes for the weights, 4 bytes for the fp32 biases, a 4-byte scale per weight.
+    exp_w = (12 * 16 + 16 * 4 + (16 + 4) * 4 + 2 * 4) / n
     assert r["memory_per_param"] == {"weight": round(exp_w, 3), "compensation": round(exp_w, 3),
                                      "optimizer_state": 4.0}
+    assert ctl.report()["memory_per_param"] == r["memory_per_param"]  # after the block: as at its end
 
 
 def test_precision_change_resplits_and_preserves_w_plus_c() -> None:
@@ -123,7 +130,8 @@ def test_compensation_format_from_the_optimizer_or_the_mode() -> None:
         _train(ctl, model, opt, data)
         w = model[0].weight
         assert opt.param_format(w) == ("fx16", "fx8")
-        assert ctl.report()["memory_per_param"]["compensation"] == 1.0
+        n = sum(p.numel() for p in model.parameters())  # int8 codes, and a 4-byte FL_c per tensor
+        assert ctl.report()["memory_per_param"]["compensation"] == round((n + 4 * 4) / n, 3)
         pol.fmt = "bf16"  # a fixed-point compensation cannot follow a float weight: as wide as the weight
         ctl.refresh()
         assert opt.param_format(w) == ("bf16", None)
@@ -177,21 +185,29 @@ def _train_plain(model, opt, data) -> None:
         opt.step()
 
 
-def test_memory_report_for_plain_and_unknown_optimizers() -> None:
+def test_memory_report_is_measured_for_every_optimizer() -> None:
     model = _model()
-    with adaprec.Controller(model, policy="fixed", optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
-                                                                             momentum=0.9)) as ctl:
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:
+        assert ctl.report()["bytes_per_param"] == 4.0  # no momentum buffer before the first step
+        _train(ctl, model, opt, _data(1))
         r = ctl.report()
     assert (r["bytes_per_param"], r["weight_storage"], r["memory_vs_fp32"]) == (8.0, "fp32 master", 1.0)
-    opt = torch.optim.Adamax(model.parameters())  # no memory model: measured from its state
+    assert r["gradient_bytes_per_param"] == 4.0
+    opt = torch.optim.Adamax(model.parameters())  # any optimizer: its state tensors are measured
     with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:
         _train(ctl, model, opt, _data(1))
         parts = ctl.report()["memory_per_param"]
-        assert parts == {"weight": 4.0, "compensation": 0.0, "optimizer_state": 8.0}
-    opt = KahanSGD(model.parameters(), lr=0.1, momentum=0.9, weight_format="fx16")
+        assert parts == {"weight": 4.0, "compensation": 0.0, "optimizer_state": round(8 + 4 * 4 / n, 3)}
+    opt = KahanSGD(model.parameters(), lr=0.1, momentum=0.9, weight_format="fx16", state_format="bf16")
     with adaprec.Controller(model, policy="fixed", optimizer=opt) as ctl:  # no storage mode: group format
+        _train(ctl, model, opt, _data(1))
         r = ctl.report()
-    assert (r["bytes_per_param"], r["weight_storage"], r["memory_vs_fp32"]) == (8.0, "fx16", 1.0)
+    # Float32 parameters holding fx16 values; an int16 compensation and a bf16 momentum.
+    assert r["weight_storage"] == "fx16"
+    assert r["memory_per_param"] == {"weight": 4.0, "compensation": round((2 * n + 4 * 4) / n, 3),
+                                     "optimizer_state": round((2 * n + 4 * 4) / n, 3)}
 
 
 def test_bad_inputs() -> None:
@@ -226,3 +242,147 @@ def test_bad_inputs() -> None:
         adaprec.Controller(model, policy=pol, optimizer=opt, weight_storage="policy")
     with pytest.raises(ValueError, match="not parameters of this optimizer"):
         opt.set_param_format([stray], "fx8")
+
+
+# ---------------------------------------------------------------------------------------------- compact
+class _TextNet(nn.Module):
+    """Embedding, LSTM, LayerNorm, Linear: every kind of parameter a stored model holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.lstm = nn.LSTM(16, 24, batch_first=True)
+        self.ln = nn.LayerNorm(24)
+        self.fc = nn.Linear(24, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.emb(x))
+        return self.fc(self.ln(h))
+
+
+def _text_run(fmt: str, compact: bool, make, steps: int = 4, fail_at: int | None = None):
+    torch.manual_seed(0)
+    model = _TextNet()
+    opt = make(model.parameters())
+    wf = FixedPoint(int(fmt[2:]), rounding="nearest") if fmt.startswith("fx") else fmt
+    policy = Fixed(bits=wf, act_bits="fp32", grad_bits="fp32")
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 20, (4, 7), generator=g), torch.randint(0, 20, (4, 7), generator=g))
+            for _ in range(steps)]
+    kinds = set()
+    with adaprec.Controller(model, policy=policy, optimizer=opt, classifier_floor=False,
+                            weight_storage=StorageMode(compact=compact)) as ctl:
+        for i, (x, y) in enumerate(data):
+            if i == fail_at:
+                raise KeyboardInterrupt("stopped by the user")
+            opt.zero_grad()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+        kinds = {type(p).__name__ for p in model.parameters()}
+        report = ctl.report()
+    return model, kinds, report
+
+
+OPTIMIZERS = {
+    "kahan_sgd": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16"),
+    "adam_8bit": lambda ps: Compensated(torch.optim.Adam(ps, lr=3e-3), weight_format="bf16",
+                                        state_format="8bit"),
+    "sgd_sr_bf16_state": lambda ps: KahanSGD(ps, lr=0.05, momentum=0.9, weight_format="bf16",
+                                             update="stochastic", state_format="bf16_stochastic"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fx8", "mxfp8"])
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_held_compactly_trains_bit_for_bit_like_the_simulation(fmt: str, opt_name: str) -> None:
+    held, kinds_h, rep_h = _text_run(fmt, True, OPTIMIZERS[opt_name])
+    sim, kinds_s, rep_s = _text_run(fmt, False, OPTIMIZERS[opt_name])
+    assert kinds_h == {"StoredTensor"} and kinds_s == {"Parameter"}
+    assert all(torch.equal(a, b) for a, b in zip(held.parameters(), sim.parameters()))
+    assert all(type(p) is nn.Parameter for p in held.parameters())  # float32 again after the block
+    # The same numbers, fewer bytes: 2-byte bf16 (or 1-byte codes) instead of float32 tensors.
+    assert rep_h["memory_per_param"]["weight"] < rep_s["memory_per_param"]["weight"] == 4.0
+    assert rep_h["memory_per_param"]["compensation"] == rep_s["memory_per_param"]["compensation"]
+
+
+def test_leaving_by_an_exception_gives_float32_parameters_back() -> None:
+    torch.manual_seed(0)
+    reference = _TextNet().state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        _text_run("fx8", True, OPTIMIZERS["adam_8bit"], fail_at=2)
+    model, _, _ = _text_run("fx8", True, OPTIMIZERS["adam_8bit"], steps=0)
+    assert list(model.state_dict()) == list(reference)
+    assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
+    assert all(a is b for a, b in zip(model.lstm._flat_weights, model.lstm.parameters()))
+
+
+def test_bf16_weights_bf16_compensation_and_8bit_adam_take_six_bytes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = Compensated(torch.optim.AdamW(model.parameters(), lr=1e-3), weight_format="bf16",
+                      state_format="8bit")
+    policy = Fixed(bits="bf16", act_bits="fp32", grad_bits="fp32")
+    with adaprec.Controller(model, policy=policy, optimizer=opt, weight_storage=True) as ctl:
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(8, 256)), torch.randint(0, 10, (8,))).backward()
+            opt.step()
+        inside = ctl.report()
+        assert model[0].weight.parts[0].dtype == torch.bfloat16
+        assert isinstance(opt.inner.state[model[0].weight]["exp_avg"], StoredTensor)
+    r = ctl.report()
+    assert r == inside  # after the block: what was held at its end
+    m = r["memory_per_param"]
+    assert m["weight"] == m["compensation"] == 2.0 and 2.0 < m["optimizer_state"] < 2.01
+    assert r["memory_vs_fp32"] < 0.502 and r["gradient_bytes_per_param"] == 4.0
+
+
+def test_compiled_stored_model_does_not_recompile_when_bits_change() -> None:
+    class Cycling(Policy):
+        name = "cycling"
+
+        def decide(self, ctl) -> Decision:
+            return Decision.uniform(Precision(FixedPoint(5 + ctl.step_count % 3, rounding="nearest"), "fp32",
+                                              "fp32"))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = KahanSGD(model.parameters(), lr=0.05, weight_format="bf16")
+    xs = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(9)]
+    with adaprec.Controller(model, policy=Cycling(), optimizer=opt, weight_storage=True,
+                            classifier_floor=False) as ctl:
+        compiled = torch.compile(model)
+
+        def step(x, y):
+            loss = F.cross_entropy(compiled(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        for x, y in xs[:3]:  # fx5, fx6, fx7: int8 codes each time, the scale in a tensor
+            step(x, y)
+        assert isinstance(model[0].weight, StoredTensor)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for x, y in xs[3:]:
+                step(x, y)
+    assert len({h.summary() for h in ctl.history}) == 3
+
+
+def test_under_ddp_storage_warns_and_keeps_float32_tensors(tmp_path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)  # its reducer refers to the parameters
+        opt = KahanSGD(model.parameters(), lr=0.1, weight_format="bf16")
+        policy = Fixed(bits="bf16", act_bits="fp32", grad_bits="fp32")
+        with pytest.warns(UserWarning, match="cannot hold the parameters .* float32 tensors"):
+            with adaprec.Controller(model, policy=policy, optimizer=opt, weight_storage=True) as ctl:
+                F.cross_entropy(ddp(torch.randn(4, 12)), torch.tensor([0, 1, 2, 3])).backward()
+                opt.step()
+                assert type(model[0].weight) is nn.Parameter and ctl.weight_storage.compact is False
+        w = model[0].weight.detach()
+        assert torch.equal(w.to(torch.bfloat16).float(), w)  # stored in bf16 all the same
+    finally:
+        dist.destroy_process_group()

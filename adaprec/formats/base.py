@@ -18,7 +18,10 @@ cost                   :attr:`Format.cost_bits` (bits per element incl. scale ov
                        :meth:`Format.exact_in` (hardware operand types that hold it exactly)
 storage                :meth:`Format.storage` (the format weights decided in this one are stored in),
                        :attr:`Format.significand_bits`, :attr:`Format.storage_bits`,
-                       :meth:`Format.storage_state`, :meth:`Format.round_stored`
+                       :meth:`Format.storage_state`, :meth:`Format.round_stored`,
+                       :meth:`Format.encode_stored` / :meth:`Format.decode_stored` (compact parts
+                       in :attr:`Format.storage_dtype`), :attr:`Format.packs_stored`,
+                       :meth:`Format.keeps_stored`
 hardware               :attr:`Format.hardware_dtype` (the dtype a real kernel multiplies it in),
                        :meth:`Format.encode` (integer codes, scale, offset), :attr:`Format.offset_free`
 =====================  ==========================================================================
@@ -242,6 +245,32 @@ class Format:
         if noise is not None:
             raise NotImplementedError(f"{self.short()}: stochastic rounding of stored values")
         return self.with_rounding("nearest").quantize(x)
+
+    def encode_stored(self, x: Tensor, state: Tensor | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Round ``x`` onto the stored grid (as :meth:`round_stored`, saturating) and return the compact
+        *parts* that hold the result, in :attr:`storage_dtype` (plus any scales the grid derives from
+        the values, such as block scales). ``decode_stored(encode_stored(x, s), s, x.shape)`` equals
+        ``round_stored(x, s)`` bit for bit. The default keeps the float32 values (no compact form)."""
+        return (self.round_stored(x, state, noise).to(torch.float32),)
+
+    def decode_stored(self, parts: tuple[Tensor, ...], state: Tensor | None, shape: torch.Size) -> Tensor:
+        """The float32 values held by :meth:`encode_stored`'s ``parts`` (logical ``shape``)."""
+        return parts[0].to(torch.float32).reshape(shape)
+
+    def keeps_stored(self, axis: int = -1) -> bool:
+        """Whether quantizing with this format (blocks, if any, along ``axis``) leaves a tensor whose
+        values are stored in :meth:`storage` exactly as it is — then a layer whose weights are stored
+        needs no weight quantization in its forward. Stochastic rounding never qualifies: ``floor(v + r)``
+        of a grid value ``v`` is ``v`` only up to the float rounding of ``v + r``. The default, ``False``,
+        is always safe."""
+        return False
+
+    @property
+    def packs_stored(self) -> bool:
+        """Whether stored tensors of this format have a compact form smaller than float32 (then
+        weight storage holds them in it: :mod:`adaprec.compact`)."""
+        return self.storage_dtype != torch.float32
 
     # -- hardware ----------------------------------------------------------------------------------
     @property

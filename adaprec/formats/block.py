@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -92,6 +93,35 @@ def _blocks(t: Tensor, axis: int, block: int) -> Tensor:
     return t.reshape(*t.shape[:-1], nb, block)
 
 
+def _block_codes(xb: Tensor, p: Tensor, scale_kind: str, int_element: bool, stochastic: bool, rng: int,
+                 nz: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The element values ``q`` and block ``scale`` of blocked ``xb`` ``(..., blocks, block)``, plus what
+    the scale is made of: the E8M0 exponent (MX) or the FP8 block scale and the tensor scale (NVFP4)."""
+    amax = xb.abs().amax(-1, keepdim=True)
+    if scale_kind == "e8m0":
+        _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1): floor(log2 amax) = e - 1
+        exp = (e.to(xb.dtype) - 1.0 - p[3]).clamp_(-127.0, 127.0)
+        scale, tensor_scale = torch.exp2(exp), None
+    else:  # NVFP4: FP8 E4M3 block scale times one FP32 scale per tensor
+        e4m3 = ELEMENT_FORMATS["e4m3"]
+        tensor_scale = (amax.amax() / (p[2] * e4m3.max_value)).clamp_min(TINY)
+        sp = torch.tensor((e4m3.mantissa, e4m3.emin, e4m3.max_value), dtype=xb.dtype, device=xb.device)
+        exp = float_quantize(amax / p[2] / tensor_scale, sp)  # the block scale, on the E4M3 grid
+        scale = exp * tensor_scale
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = xb / safe
+    if int_element:
+        q = _int_grid(v, p[2], stochastic, rng, nz)
+    else:
+        q = float_quantize(v, p[:3], stochastic, rng, noise=nz)
+    return q, scale, exp, tensor_scale
+
+
+def _unblock(out: Tensor, n: int, axis: int) -> Tensor:
+    out = out.reshape(*out.shape[:-2], -1)[..., :n]
+    return out.movedim(-1, axis).contiguous()
+
+
 def block_quantize(x: Tensor, p: Tensor, block: int, scale_kind: str, int_element: bool, stochastic: bool,
                    axis: int = -1, rng: int = 0, noise: Tensor | None = None) -> Tensor:
     """Block-scaled quantization of float32 ``x`` along ``axis`` (module docstring).
@@ -105,24 +135,32 @@ def block_quantize(x: Tensor, p: Tensor, block: int, scale_kind: str, int_elemen
     n = x.shape[axis]
     xb = _blocks(x.detach(), axis, block)
     nz = None if noise is None else _blocks(noise, axis, block)
-    amax = xb.abs().amax(-1, keepdim=True)
-    if scale_kind == "e8m0":
-        _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1): floor(log2 amax) = e - 1
-        scale = torch.exp2((e.to(xb.dtype) - 1.0 - p[3]).clamp_(-127.0, 127.0))
-    else:  # NVFP4: FP8 E4M3 block scale times one FP32 scale per tensor
-        e4m3 = ELEMENT_FORMATS["e4m3"]
-        t = (amax.amax() / (p[2] * e4m3.max_value)).clamp_min(TINY)
-        sp = torch.tensor((e4m3.mantissa, e4m3.emin, e4m3.max_value), dtype=xb.dtype, device=xb.device)
-        scale = float_quantize(amax / p[2] / t, sp) * t
+    q, scale, _, _ = _block_codes(xb, p, scale_kind, int_element, stochastic, rng, nz)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = xb / safe
-    if int_element:
-        q = _int_grid(v, p[2], stochastic, rng, nz)
-    else:
-        q = float_quantize(v, p[:3], stochastic, rng, noise=nz)
     out = (q * safe).masked_fill_(scale == 0, 0.0)
-    out = out.reshape(*out.shape[:-2], -1)[..., :n]
-    return out.movedim(-1, axis).contiguous()
+    return _unblock(out, n, axis)
+
+
+#: E2M1 magnitudes by their 3-bit code (sign in the fourth bit): two elements share one byte.
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _pack_e2m1(q: Tensor) -> Tensor:
+    """E2M1 values -> 4-bit codes, two per ``uint8`` (the first element in the low nibble)."""
+    table = torch.tensor(_E2M1, dtype=q.dtype, device=q.device)
+    code = torch.bucketize(q.abs(), table).to(torch.uint8) | (torch.signbit(q).to(torch.uint8) << 3)
+    flat = code.reshape(-1)
+    if flat.numel() % 2:
+        flat = F.pad(flat, (0, 1))
+    pairs = flat.reshape(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _unpack_e2m1(packed: Tensor, numel: int) -> Tensor:
+    table = torch.tensor(_E2M1, dtype=torch.float32, device=packed.device)
+    codes = torch.stack((packed & 15, packed >> 4), dim=1).reshape(-1)[:numel].long()
+    mag = table[codes & 7]
+    return torch.where((codes & 8) != 0, -mag, mag)
 
 
 @register_format
@@ -225,6 +263,62 @@ class BlockFormat(Format):
     def round_stored(self, x: Tensor, state: Tensor | None = None, noise: Tensor | None = None,
                      saturate: bool = True) -> Tensor:
         # ``noise`` (U(0, 1), from the storage's own generator) makes the element rounding stochastic.
+        # Stored tensors block along their last dimension.
         p = torch.tensor(self.params(), dtype=x.dtype, device=x.device)
         s = self.spec
         return block_quantize(x, p, s.block, s.scale, s.element == "int8", False, -1, 0, noise=noise)
+
+    def keeps_stored(self, axis: int = -1) -> bool:
+        # Stored blocks run along the last dimension; re-quantizing a stored MX block finds the same
+        # power-of-two scale and the same elements. NVFP4's value-dependent FP8 scales may move.
+        return axis == -1 and self.spec.scale == "e8m0" and not self.stochastic
+
+    def encode_stored(self, x: Tensor, state: Tensor | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Element codes (one per element) and block scales, blocks along the last dimension:
+
+        * elements: ``float8_e4m3fn`` (E4M3, E3M2 and E2M3 values are all E4M3 numbers) or
+          ``float8_e5m2``; MXINT8 as ``int8`` codes ``k`` (value ``k / 64``); E2M1 (MXFP4, NVFP4) as
+          4-bit codes, two per ``uint8``;
+        * MX block scales as their ``int8`` exponent (E8M0); NVFP4 block scales as ``float8_e4m3fn``
+          plus the float32 tensor scale.
+        """
+        if x.dim() == 0:
+            x = x.reshape(1)
+            noise = None if noise is None else noise.reshape(1)
+        p = torch.tensor(self.params(), dtype=torch.float32, device=x.device)
+        s = self.spec
+        xb = _blocks(x.detach().float(), -1, s.block)
+        nz = None if noise is None else _blocks(noise, -1, s.block)
+        q, _, exp, tensor_scale = _block_codes(xb, p, s.scale, s.element == "int8", False, 0, nz)
+        n = x.shape[-1]
+        q = q.reshape(*q.shape[:-2], -1)[..., :n]  # the padding of a short last block is not kept
+        if s.element == "int8":
+            elems = q.mul(64.0).to(torch.int8)
+        elif s.element == "e2m1":
+            elems = _pack_e2m1(q)
+        else:
+            elems = q.to(torch.float8_e5m2 if s.element == "e5m2" else torch.float8_e4m3fn)
+        if tensor_scale is None:
+            return elems, exp.to(torch.int8)
+        return elems, exp.to(torch.float8_e4m3fn), tensor_scale.reshape(())
+
+    def decode_stored(self, parts: tuple[Tensor, ...], state: Tensor | None, shape: torch.Size) -> Tensor:
+        s = self.spec
+        lead = tuple(shape[:-1]) if len(shape) else ()
+        n = shape[-1] if len(shape) else 1
+        elems = parts[0]
+        if s.element == "e2m1":
+            q = _unpack_e2m1(elems, math.prod(lead) * n).reshape(*lead, n)
+        elif s.element == "int8":
+            q = elems.to(torch.float32).div_(64.0)
+        else:
+            q = elems.to(torch.float32)
+        q = _blocks(q.reshape(*lead, n), -1, s.block)
+        if len(parts) == 2:  # MX: a power of two, never zero
+            out = q * torch.exp2(parts[1].to(torch.float32))
+        else:
+            scale = parts[1].to(torch.float32) * parts[2]
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            out = (q * safe).masked_fill_(scale == 0, 0.0)
+        return _unblock(out, n, -1).reshape(shape)

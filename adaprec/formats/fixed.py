@@ -213,6 +213,27 @@ class FixedPoint(Format):
             q = q.clamp(-half, half - 1.0)
         return q / up
 
+    def keeps_stored(self, axis: int = -1) -> bool:
+        """Stored ``b``-bit codes at a kept ``FL`` lie on the grid the dynamic scale rule picks for them:
+        their largest magnitude is at most ``2^(b-1) 2^-FL``, so the rule's ``s >= FL`` (round to nearest)."""
+        return not self.stochastic
+
+    def encode_stored(self, x: Tensor, state: Tensor | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The signed integer codes ``q`` (``int8`` up to 8 bits, ``int16`` up to 16, else ``int32``) of
+        ``x`` on the grid ``q * 2^-FL`` kept in ``state``, rounded and saturated as :meth:`round_stored`."""
+        if state is None:
+            raise ValueError("fixed-point storage needs the tensor's kept fractional length")
+        v = x * torch.exp2(state.to(x.dtype))
+        q = torch.round(v) if noise is None else torch.floor(v + noise)
+        half = 2.0 ** (self.bits - 1)
+        return (q.clamp_(-half, half - 1.0).to(self.storage_dtype),)
+
+    def decode_stored(self, parts: tuple[Tensor, ...], state: Tensor | None, shape: torch.Size) -> Tensor:
+        if state is None:
+            raise ValueError("fixed-point storage needs the tensor's kept fractional length")
+        return parts[0].to(torch.float32).div_(torch.exp2(state.to(torch.float32))).reshape(shape)
+
     @property
     def hardware_dtype(self) -> torch.dtype | None:
         return torch.int8 if self.bits <= 8 else None

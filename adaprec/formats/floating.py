@@ -234,6 +234,26 @@ class FloatFormat(Format):
         p = torch.tensor(self.params(), dtype=x.dtype, device=x.device)
         return float_quantize(x, p, noise=noise, saturate=saturate)
 
+    def keeps_stored(self, axis: int = -1) -> bool:
+        # The raw grid is stored; an unscaled format quantizes onto that very grid, a scaled one
+        # re-scales by the tensor's amax first.
+        return not self.scaled and not self.stochastic
+
+    def encode_stored(self, x: Tensor, state: Tensor | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The raw-grid values in torch's own dtype (``bfloat16``, ``float16``, ``float8_e4m3fn``,
+        ``float8_e5m2``). To nearest: saturate, then torch's cast (round to nearest even, subnormals
+        kept) — the same numbers as :meth:`round_stored`, since rounding is monotonic."""
+        if noise is not None:
+            v = self.round_stored(x, state, noise)
+        else:
+            m = self.spec.max_value
+            v = x.clamp(-m, m)
+        return (v.to(self.torch_dtype),)
+
+    def decode_stored(self, parts: tuple[Tensor, ...], state: Tensor | None, shape: torch.Size) -> Tensor:
+        return parts[0].to(torch.float32).reshape(shape)
+
     # hardware: bf16/fp16 kernels; FP8 on torch._scaled_mm, which needs the per-tensor scale
     @property
     def hardware_dtype(self) -> torch.dtype | None:

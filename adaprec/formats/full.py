@@ -78,6 +78,9 @@ class FP32(Format):
                      saturate: bool = True) -> Tensor:
         return x
 
+    def keeps_stored(self, axis: int = -1) -> bool:
+        return True
+
     @property
     def hardware_dtype(self) -> torch.dtype | None:
         return torch.float32

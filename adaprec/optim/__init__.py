@@ -1,24 +1,27 @@
 """Low-precision parameter storage and compensated updates (docs/methods.md#kahan-update).
 
 * :class:`Storage`, :func:`storage_format`, :func:`resplit` — how a weight is stored (fixed point with
-  a kept fractional length, bf16/fp16/fp8, FP32) and its Kahan compensation;
+  a kept fractional length, bf16/fp16/fp8, block-scaled, FP32) and its Kahan compensation;
 * :class:`KahanSGD` — SGD writing to low-precision storage (``update="kahan" | "nearest" | "stochastic"``);
 * :class:`Compensated` — the same write-back around ``SGD``/``Adam``/``AdamW``/``RMSprop``/``Adagrad``;
-* :func:`bytes_per_param`, :func:`optimizer_memory` — the modelled memory of weights, compensation and
-  optimizer state (simulation keeps float32 tensors; the formats say what storage would cost).
+* ``state_format=`` of both (:mod:`adaprec.optim.state`) — momentum and moments in bf16 or 8 bits;
+* :func:`optimizer_memory` — the measured bytes of parameters, compensation, optimizer state and
+  gradients.
 
 Example:
     >>> import torch
     >>> from adaprec.optim import KahanSGD, optimizer_memory
-    >>> model = torch.nn.Linear(4, 2)
+    >>> model = torch.nn.Linear(64, 16)
     >>> opt = KahanSGD(model.parameters(), lr=0.1, weight_format="fx8")
-    >>> optimizer_memory(opt).per_param
-    2.0
+    >>> r = optimizer_memory(opt)    # float32 parameters holding fx8 values, an int8 compensation
+    >>> r.weight / r.params, round(r.compensation / r.params, 2)     # (+ a 4-byte scale per tensor)
+    (4.0, 1.01)
 """
 
 from .compensated import SUPPORTED_INNER, Compensated
 from .kahan import KahanSGD
-from .memory import MemoryCost, MemoryReport, bytes_per_param, optimizer_memory, state_buffers
+from .memory import MemoryReport, held_tensors, optimizer_memory
+from .state import STATE_FORMATS, state_format
 from .storage import (
     MASTER_SIGNIFICAND_BITS,
     OVERFLOW_MODES,
@@ -42,9 +45,9 @@ __all__ = [
     "KahanSGD",
     "Compensated",
     "SUPPORTED_INNER",
-    "MemoryCost",
+    "STATE_FORMATS",
+    "state_format",
     "MemoryReport",
-    "bytes_per_param",
     "optimizer_memory",
-    "state_buffers",
+    "held_tensors",
 ]

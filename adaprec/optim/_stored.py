@@ -17,6 +17,16 @@ per-group base rates are fixed when they are built). The overrides and the layou
 are split into are saved under ``"adaprec_param_formats"`` in ``state_dict()``, keyed by the
 parameter's index as torch numbers them — not in the per-parameter state, whose non-tensor values torch
 rebuilds element by element on load (a string would not survive).
+
+Held in compact form. Inside a controller block with weight storage (:mod:`adaprec.storage_mode`),
+:meth:`~StoredParamsMixin.hold_params` turns every parameter whose storage format has a compact form
+(:attr:`~adaprec.formats.Format.packs_stored`) into a :class:`~adaprec.compact.StoredTensor` holding
+it in that form — bf16 values, FP8 or integer codes, block codes and scales — until
+:meth:`~StoredParamsMixin.release_params` gives the model float32 parameters with the same values
+back. The compensation is held in its own format's compact form whenever the parameter is float32,
+and the group's ``state_format`` (:mod:`adaprec.optim.state`) says how the optimizer's own buffers are
+held. Compact or not, the arithmetic is the same: an update decodes, computes in float32 and encodes
+(each value is rounded once, exactly as the simulation rounds it).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..compact import FormatCodec, hold, is_stored, release, values
+from .state import StateFormat, hold_state, state_format
 from .storage import UPDATE_MODES, Storage, format_name
 
 STORAGE_KEYS = ("weight_format", "comp_format", "update", "headroom_bits", "zero_range", "overflow")
@@ -89,6 +101,10 @@ class StoredParamsMixin:
         self._param_formats: dict[Tensor, tuple[str, str | None]] = {}
         self._param_layouts: dict[Tensor, str] = {}
         self._param_storage_cache: dict[tuple[Any, ...], Storage] = {}
+        # hold_params(): parameters are held compactly; the module owning each (for RNN weights).
+        self._holding = False
+        self._owners: dict[int, Any] = {}
+        self._state_formats: dict[str, StateFormat | None] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -141,17 +157,99 @@ class StoredParamsMixin:
         """Recombine ``p + comp`` and re-split it into ``storage`` (docs/methods.md#kahan-update)."""
         st = self.state[p]
         comp = st.get("comp")
-        w_hp = p.detach() + comp if comp is not None else p.detach().clone()
-        w, c, fl = storage.split(w_hp)
-        p.copy_(w)
+        w_hp = values(p) + values(comp) if comp is not None else values(p).clone()
+        fl = storage.fit(w_hp)
+        w = self._put_param(p, w_hp, storage, fl)
         if kahan:
-            st["comp"] = c
+            st["comp"] = storage.new_comp(w_hp - w, fl, compact=p.dtype == torch.float32)
         else:
             st.pop("comp", None)  # the residual went into w_hp above
         if fl is None:
             st.pop("w_fl", None)
         else:
-            st["w_fl"] = fl.to(p.device)
+            st["w_fl"] = fl
+
+    def _holds(self, p: Tensor, storage: Storage) -> bool:
+        return self._holding and storage.weight.packs_stored and p.dtype == torch.float32
+
+    def _put_param(self, p: Tensor, x: Tensor, storage: Storage, fl: Tensor | None,
+                   parts: tuple[Tensor, ...] | None = None) -> Tensor:
+        """Round ``x`` onto ``storage``'s weight grid into ``p`` — held compactly when the optimizer holds
+        parameters and the format has a compact form, plain float32 otherwise — and return the values.
+        ``parts``: ``x``'s compact parts, already encoded."""
+        fmt = storage.weight
+        if self._holds(p, storage):
+            if parts is None:
+                parts = fmt.encode_stored(x, fl)
+            if not is_stored(p):
+                hold(p, FormatCodec(fmt), fl, fit=storage.fit, owner=self._owners.get(id(p)))
+            p.set_parts_(parts, fl, p.codec if p.codec.name == fmt.short() else FormatCodec(fmt), storage.fit)
+            return fmt.decode_stored(parts, fl, p.shape)
+        if is_stored(p):
+            release(p, owner=self._owners.get(id(p)))
+        w = storage.quantize_weight(x, fl)
+        p.copy_(w)
+        return w
+
+    # ------------------------------------------------------------------ holding parameters compactly
+    @torch.no_grad()
+    def hold_params(self, model: torch.nn.Module | None = None) -> None:
+        """Hold every parameter whose storage format has a compact form in that form, in place (the
+        parameter objects stay the same; see the module docstring). ``model``: the module tree the
+        parameters belong to, so that recurrent layers' weight lists are rebuilt after the swap.
+        Raises ``RuntimeError`` when torch cannot swap a parameter (a live autograd graph refers to it).
+
+        A parameter's values stay as they are (they already lie on its grid); only where encoding
+        them would round them again (NVFP4, whose scales depend on the values) is ``w + c`` re-split.
+        """
+        self._owners = {}
+        if model is not None:
+            for m in model.modules():
+                for t in m._parameters.values():
+                    if t is not None:
+                        self._owners.setdefault(id(t), m)
+        self._holding = True
+        for group in self.param_groups:
+            storage = self._storage(group)
+            for p in group["params"]:
+                s = self._param_storage(p, group, storage)
+                if not self._holds(p, s):
+                    continue
+                fl = self.state[p].get("w_fl")
+                v = values(p)
+                parts = s.weight.encode_stored(v, fl)
+                if torch.equal(s.weight.decode_stored(parts, fl, v.shape), v):
+                    self._put_param(p, v, s, fl, parts)
+                else:
+                    self._split_param(p, s, group["update"] == "kahan")
+
+    @torch.no_grad()
+    def release_params(self) -> None:
+        """Give every held parameter back as a plain float32 tensor with its stored values."""
+        self._holding = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_stored(p):
+                    release(p, owner=self._owners.get(id(p)))
+        self._owners = {}
+
+    @property
+    def holds_params(self) -> bool:
+        """Whether :meth:`hold_params` is in force."""
+        return self._holding
+
+    # ------------------------------------------------------------------ the optimizer's own state
+    def _state_format(self, group: dict[str, Any]) -> StateFormat | None:
+        name = group.setdefault("state_format", self.defaults.get("state_format", "fp32"))
+        if name not in self._state_formats:
+            self._state_formats[name] = state_format(name)
+        return self._state_formats[name]
+
+    def _hold_buffer(self, group: dict[str, Any], x: Tensor, into: Tensor | None = None) -> Tensor:
+        """Hold the float32 state buffer ``x`` in the group's ``state_format``."""
+        fmt = self._state_format(group)
+        return hold_state(x, fmt, self._generator(x.device) if fmt is not None and fmt.stochastic else None,
+                          into)
 
     @torch.no_grad()
     def _split_group(self, group: dict[str, Any]) -> Storage:
@@ -283,6 +381,41 @@ class StoredParamsMixin:
             self._param_formats[p] = (wf, cf)
             if layout is not None:  # the loaded comp/w_fl are already split this way
                 self._param_layouts[p] = layout
+        self._hold_loaded_state()
+
+    @torch.no_grad()
+    def _hold_loaded_state(self) -> None:
+        """A checkpoint holds plain float32 tensors: hold them again as this optimizer holds its state
+        (compensation and buffers compactly, held parameters on the loaded kept state). Values on their
+        grids encode exactly, and no rounding noise is drawn, so a resumed run continues bit for bit."""
+        for group in self.param_groups:
+            storage = self._storage(group)
+            fmt = self._state_format(group)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                s = self._param_storage(p, group, storage)
+                fl = st.get("w_fl")
+                if is_stored(p):  # re-encode on the loaded kept state (exact for the saved values)
+                    self._put_param(p, p.plain(), s, fl)
+                if "comp" in st and p.dtype == torch.float32:
+                    st["comp"] = s.hold_comp(st["comp"], fl)
+            for p in group["params"]:
+                for bst in self._buffer_states(p):
+                    for k in self._buffer_keys(p, bst):
+                        bst[k] = hold_state(values(bst[k]), fmt)
+
+    def _buffer_keys(self, p: Tensor, st: dict[str, Any]) -> list[str]:
+        """The keys of the optimizer's own parameter-sized buffers in a state dict of ``p`` (not the
+        compensation, not the kept state)."""
+        return [k for k, v in st.items() if k not in ("comp", "w_fl") and isinstance(v, Tensor)
+                and v.shape == p.shape and v.is_floating_point()]
+
+    def _buffer_states(self, p: Tensor) -> list[dict[str, Any]]:
+        """The state dicts holding ``p``'s optimizer buffers (this optimizer's own state here)."""
+        st = self.state.get(p)
+        return [st] if st else []
 
     def _flat_params(self) -> list[Tensor]:
         """Parameters in the order torch's ``state_dict()`` numbers them."""

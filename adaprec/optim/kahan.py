@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._stored import StoredParamsMixin, storage_defaults
+from .state import STATE_FORMATS, read_state, state_format
 
 __all__ = ["KahanSGD"]
 
@@ -43,14 +44,19 @@ class KahanSGD(StoredParamsMixin, Optimizer):
             ``"stochastic"`` (stochastic rounding of ``w + Δ``, unbiased, no compensation).
         headroom_bits, zero_range, overflow: how a fixed-point tensor's kept fractional length is
             chosen and what happens when the weights outgrow it (:mod:`adaprec.optim.storage`).
+        state_format: how the momentum buffer is held between steps: ``"fp32"``, ``"bf16"``,
+            ``"bf16_stochastic"`` or ``"8bit"`` (:mod:`adaprec.optim.state`).
         seed: seed of the optimizer's own stochastic-rounding generator (saved in ``state_dict()``);
             ``None`` uses ``torch.initial_seed()`` (set by ``torch.manual_seed``; the global RNG stream
             is not touched).
 
     The constructor rounds the parameters in place into their storage format (the residual goes
     into the compensation); an already-stored tensor is left unchanged. State per parameter:
-    ``"comp"``, ``"w_fl"`` and ``"momentum_buffer"`` (kept in float32, i.e. 4 bytes per parameter).
-    Values stay float32 tensors; the formats model the storage (see :func:`adaprec.optim.optimizer_memory`).
+    ``"comp"`` (held in the compensation format's compact form), ``"w_fl"`` and ``"momentum_buffer"``
+    (in ``state_format``). The parameters themselves stay float32 tensors holding values of the
+    format, except inside a controller block with weight storage, which holds them compactly
+    (:meth:`~adaprec.optim._stored.StoredParamsMixin.hold_params`). What it all occupies:
+    :func:`adaprec.optim.optimizer_memory`.
 
     Example:
         >>> import torch
@@ -59,8 +65,8 @@ class KahanSGD(StoredParamsMixin, Optimizer):
         >>> for _ in range(32):
         ...     w.grad = torch.ones(3)
         ...     opt.step()
-        >>> w.detach(), opt.state[w]["comp"]       # 32 steps of 1/16 grid step each
-        (tensor([0.9375, 0.9375, 0.9375]), tensor([0., 0., 0.]))
+        >>> w.detach(), opt.state[w]["comp"]       # 32 steps of 1/16 grid step each; c in int8 codes
+        (tensor([0.9375, 0.9375, 0.9375]), StoredTensor(fx8, tensor([0., 0., 0.])))
     """
 
     def __init__(
@@ -78,10 +84,11 @@ class KahanSGD(StoredParamsMixin, Optimizer):
         headroom_bits: int = 1,
         zero_range: float = 1.0,
         overflow: str = "rescale",
+        state_format: str = "fp32",
         seed: int | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay)
+                        weight_decay=weight_decay, state_format=state_format)
         self._check_hyper(defaults)
         defaults.update(storage_defaults(weight_format, comp_format, update, headroom_bits=headroom_bits,
                                          zero_range=zero_range, overflow=overflow))
@@ -99,6 +106,8 @@ class KahanSGD(StoredParamsMixin, Optimizer):
             raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0 (as in torch.optim.SGD)")
+        if group.get("state_format", "fp32") not in STATE_FORMATS:
+            state_format(group["state_format"])  # raises, naming the allowed formats
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch semantics) and split its parameters into their storage format."""
@@ -127,12 +136,13 @@ class KahanSGD(StoredParamsMixin, Optimizer):
                 d = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
                 if momentum != 0:
                     st = self.state[p]
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
+                    held = st.get("momentum_buffer")
+                    if held is None:
                         buf = torch.clone(d).detach()
-                        st["momentum_buffer"] = buf
-                    else:
+                    else:  # float32 for the update (a decoded copy when held compactly)
+                        buf = read_state(held)
                         buf.mul_(momentum).add_(d, alpha=1 - dampening)
+                    st["momentum_buffer"] = self._hold_buffer(group, buf, into=held)
                     d = d.add(buf, alpha=momentum) if nesterov else buf
                 self._write_back(p, d, group, storage, alpha=-lr)
         return loss

@@ -1,120 +1,58 @@
-"""Modelled memory of training state: weight + compensation + optimizer state, per parameter.
+"""Measured memory of the training state: the bytes that parameters and optimizer state occupy now.
 
-In simulation every value is a float32 tensor; these figures are what the chosen *formats* would
-cost in packed storage: a ``b``-bit format costs ``b / 8`` bytes (8-bit fixed point 1, bf16 2, FP32 4).
-Optimizer state buffers (momentum, Adam's moments, …) are counted in ``state_format`` (FP32 by default,
-which is how the optimizers here keep them). Per-tensor scalars (step counters, a fixed-point tensor's
-fractional length) are negligible and not counted.
+:func:`optimizer_memory` walks an optimizer's parameters and state and adds up the sizes of the
+storages that hold them (``untyped_storage().nbytes()``), each storage once however many tensors view
+it. A parameter or buffer held compactly (:class:`~adaprec.compact.StoredTensor`, a torchao low-bit
+state, any traceable tensor subclass) counts the storages of its parts: codes, scales, kept state.
+Nothing is modelled: a float32 tensor that holds bf16 *values* (the simulation) counts 4 bytes per
+element, and state an optimizer creates lazily counts only once it exists (Adam's moments after the
+first step).
+
+Four parts are reported: the parameters (``weight``), the Kahan ``compensation`` of
+:class:`~adaprec.optim.KahanSGD`/:class:`~adaprec.optim.Compensated`, the rest of the optimizer state
+(momentum, moments, step counters, kept fractional lengths), and — separately, since they exist only
+between ``backward()`` and ``zero_grad()`` — the ``gradients`` held at the moment of measuring. The
+reference ``fp32_total`` is the same parameters and optimizer state in float32 (4 bytes per element;
+no compensation, as an FP32 master copy has none): 12 bytes per parameter for Adam.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from torch.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ._stored import StoredParamsMixin, check_update
-from .compensated import Compensated
-from .kahan import KahanSGD
-from .storage import Storage, storage_format
+from ..compact import is_stored, stored_parts
+from ._stored import StoredParamsMixin
 
-__all__ = ["MemoryCost", "bytes_per_param", "state_buffers", "optimizer_memory", "MemoryReport"]
-
-
-@dataclass(frozen=True)
-class MemoryCost:
-    """Bytes per parameter of each part of the training state.
-
-    Example:
-        >>> c = MemoryCost(weight=1.0, compensation=1.0, optimizer_state=4.0)
-        >>> c.total, round(c.relative_to(MemoryCost(4.0, 0.0, 4.0)), 2)
-        (6.0, 0.75)
-    """
-
-    weight: float
-    compensation: float
-    optimizer_state: float
-
-    @property
-    def total(self) -> float:
-        return self.weight + self.compensation + self.optimizer_state
-
-    def relative_to(self, other: MemoryCost) -> float:
-        """``self.total / other.total`` (e.g. against plain FP32 training with the same optimizer)."""
-        return self.total / other.total
-
-
-def bytes_per_param(
-    weight_format: object = "fp32",
-    comp_format: object = None,
-    *,
-    update: str = "kahan",
-    state_buffers: int = 0,
-    state_format: object = "fp32",
-) -> MemoryCost:
-    """Modelled bytes per parameter for a storage format, its compensation and ``state_buffers``
-    optimizer buffers (1 for SGD momentum, 2 for Adam) held in ``state_format``.
-
-    The compensation counts only with ``update="kahan"``; ``comp_format=None`` is its default (same
-    width as the weight).
-
-    Example:
-        >>> bytes_per_param("fx8").total                                   # 8-bit weight + 8-bit c
-        2.0
-        >>> bytes_per_param("bf16", state_buffers=1).total                 # + FP32 momentum
-        8.0
-        >>> bytes_per_param("fp32", update="nearest", state_buffers=2).total   # plain FP32 Adam
-        12.0
-    """
-    check_update(update)
-    if isinstance(state_buffers, bool) or not isinstance(state_buffers, int) or state_buffers < 0:
-        raise ValueError(f"state_buffers must be an int >= 0, got {state_buffers!r}")
-    storage = Storage(weight_format, comp_format)
-    state_bits = storage_format(state_format, role="optimizer state").bits
-    return MemoryCost(
-        weight=storage.weight.bits / 8.0,
-        compensation=storage.comp.bits / 8.0 if update == "kahan" else 0.0,
-        optimizer_state=state_buffers * state_bits / 8.0,
-    )
-
-
-def state_buffers(optimizer: Optimizer, group: dict[str, Any]) -> int:
-    """Number of parameter-sized state buffers ``optimizer`` keeps for the parameters of ``group``."""
-    inner = optimizer.inner if isinstance(optimizer, Compensated) else optimizer
-    kind = type(inner)
-    if kind in (SGD, KahanSGD):
-        return int(group.get("momentum", 0) != 0)
-    if kind in (Adam, AdamW):
-        return 2 + int(bool(group.get("amsgrad", False)))
-    if kind is RMSprop:
-        return 1 + int(group.get("momentum", 0) != 0) + int(bool(group.get("centered", False)))
-    if kind is Adagrad:
-        return 1
-    known = "KahanSGD, Compensated, torch.optim.SGD, Adam, AdamW, RMSprop, Adagrad"
-    raise TypeError(f"no memory model for optimizer {kind.__name__}; known: {known}")
+__all__ = ["MemoryReport", "optimizer_memory", "held_tensors"]
 
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Modelled bytes of an optimizer's whole training state, and of plain FP32 training with the same
-    optimizer (FP32 weights, the same state buffers, no compensation).
+    """Bytes of an optimizer's parameters and state, measured (module docstring).
 
     Example:
-        >>> r = MemoryReport(params=10, weight=10.0, compensation=10.0, optimizer_state=40.0,
-        ...                  fp32_total=80.0)
+        >>> r = MemoryReport(params=10, weight=20, compensation=20, optimizer_state=20, gradients=40,
+        ...                  fp32_total=120)
         >>> r.total, r.per_param, r.savings_vs_fp32
-        (60.0, 6.0, 0.25)
+        (60, 6.0, 0.5)
     """
 
     params: int
-    weight: float
-    compensation: float
-    optimizer_state: float
-    fp32_total: float
+    weight: int
+    compensation: int
+    optimizer_state: int
+    gradients: int
+    fp32_total: int
 
     @property
-    def total(self) -> float:
+    def total(self) -> int:
+        """Parameters, compensation and optimizer state (gradients apart)."""
         return self.weight + self.compensation + self.optimizer_state
 
     @property
@@ -123,42 +61,89 @@ class MemoryReport:
 
     @property
     def savings_vs_fp32(self) -> float:
-        """Fraction of the FP32 training state saved (0.25 = a quarter less memory)."""
+        """Fraction of the float32 parameters + state saved (0.5 = half the memory)."""
         return 1.0 - self.total / self.fp32_total if self.fp32_total else 0.0
 
 
-def optimizer_memory(optimizer: Optimizer, *, state_format: object = "fp32") -> MemoryReport:
-    """Modelled memory of the parameters and state an optimizer manages.
+def held_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors whose storages hold ``t``: its parts for a stored tensor or another traceable
+    tensor subclass (torchao's low-bit states), ``t`` itself otherwise."""
+    if is_stored(t):
+        return stored_parts(t)
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        out: list[Tensor] = []
+        for n in names:
+            out += held_tensors(getattr(t, n))
+        return out
+    return [t]
 
-    Works for :class:`~adaprec.optim.KahanSGD`, :class:`~adaprec.optim.Compensated` (storage formats
-    from their groups) and plain ``SGD``/``Adam``/``AdamW``/``RMSprop``/``Adagrad`` (FP32 weights).
+
+class _Counter:
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, int]] = set()
+
+    def bytes(self, tensors: Iterable[Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            for part in held_tensors(t):
+                s = part.untyped_storage()
+                key = (str(part.device), s.data_ptr())
+                if s.nbytes() == 0 or key in self.seen:
+                    continue
+                self.seen.add(key)
+                total += s.nbytes()
+        return total
+
+
+def _state_tensors(optimizer: Optimizer) -> Iterator[tuple[str, str, Tensor]]:
+    """``(part, key, tensor)`` for every tensor of the optimizer's state, its inner optimizer's included."""
+    states: list[tuple[Any, bool]] = [(optimizer.state, isinstance(optimizer, StoredParamsMixin))]
+    inner = getattr(optimizer, "inner", None)  # adaprec.optim.Compensated's wrapped optimizer
+    if isinstance(inner, Optimizer):
+        states.append((inner.state, False))
+    for state, ours in states:
+        for st in state.values():
+            for k, v in _items(st):
+                if isinstance(v, Tensor):
+                    yield ("compensation" if ours and k == "comp" else "optimizer_state"), k, v
+
+
+def _items(st: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(st, dict):
+        for k, v in st.items():
+            if isinstance(v, dict | list | tuple):
+                yield from _items(v)
+            else:
+                yield k, v
+    elif isinstance(st, list | tuple):
+        for v in st:
+            yield from _items(v)
+
+
+def optimizer_memory(optimizer: Optimizer) -> MemoryReport:
+    """Measure the bytes of the parameters an optimizer holds, of its state and of their gradients.
 
     Example:
         >>> import torch
-        >>> w = torch.nn.Parameter(torch.zeros(100))
-        >>> r = optimizer_memory(KahanSGD([w], lr=0.1, momentum=0.9, weight_format="bf16"))
-        >>> r.per_param, r.savings_vs_fp32                # 2 + 2 + 4 bytes against 4 + 4
-        (8.0, 0.0)
+        >>> from adaprec.optim import Compensated
+        >>> w = torch.nn.Parameter(torch.zeros(4096))
+        >>> opt = Compensated(torch.optim.Adam([w]), weight_format="bf16", state_format="8bit")
+        >>> w.grad = torch.ones(4096); opt.step()
+        >>> r = optimizer_memory(opt)   # w float32 here (4 B), comp bf16 (2 B), moments 8-bit (1 B each)
+        >>> r.weight, r.compensation, r.optimizer_state, r.fp32_total   # + 2 scales each, + step
+        (16384, 8192, 8214, 49156)
     """
-    n = 0
-    weight = comp = state = fp32 = 0.0
-    for group in optimizer.param_groups:
-        k = state_buffers(optimizer, group)
-        if isinstance(optimizer, StoredParamsMixin):
-            group_cost = bytes_per_param(group["weight_format"], group["comp_format"], update=group["update"],
-                                         state_buffers=k, state_format=state_format)
-        else:
-            group_cost = bytes_per_param("fp32", update="nearest", state_buffers=k, state_format=state_format)
-        base = bytes_per_param("fp32", update="nearest", state_buffers=k, state_format="fp32")
-        for p in group["params"]:
-            # A parameter may be stored in its own format (set_param_format, e.g. by storage mode).
-            own = optimizer.param_format(p) if isinstance(optimizer, StoredParamsMixin) else None
-            cost = group_cost if own is None else bytes_per_param(
-                own[0], own[1], update=group["update"], state_buffers=k, state_format=state_format)
-            m = p.numel()
-            n += m
-            weight += m * cost.weight
-            comp += m * cost.compensation
-            state += m * cost.optimizer_state
-            fp32 += m * base.total
-    return MemoryReport(params=n, weight=weight, compensation=comp, optimizer_state=state, fp32_total=fp32)
+    count = _Counter()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    n = sum(p.numel() for p in params)
+    weight = count.bytes(params)
+    parts = {"compensation": 0, "optimizer_state": 0}
+    fp32 = 4 * n
+    for part, key, t in _state_tensors(optimizer):
+        parts[part] += count.bytes([t])
+        if part == "optimizer_state" and key != "w_fl":  # FP32 training keeps no fractional lengths
+            fp32 += 4 * t.numel()
+    grads = count.bytes([p.grad for p in params if p.grad is not None])
+    return MemoryReport(params=n, weight=weight, compensation=parts["compensation"],
+                        optimizer_state=parts["optimizer_state"], gradients=grads, fp32_total=fp32)

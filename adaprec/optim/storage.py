@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..compact import FormatCodec, StoredTensor, is_stored, values
 from ..formats import FloatFormat, Format, parse_format
 
 __all__ = ["Storage", "storage_format", "format_name", "significand_bits", "resplit", "UPDATE_MODES",
@@ -115,8 +116,10 @@ class Storage:
     * a fixed-point compensation needs a fixed-point weight (its grid hangs off the weight's ``FL``).
 
     ``headroom_bits`` (>= 0), ``zero_range`` (> 0) and ``overflow`` (``"rescale"`` or ``"saturate"``)
-    steer a fixed-point tensor's kept fractional length (module docstring). Memory is *modelled*: see
-    :meth:`bytes_per_param`.
+    steer a fixed-point tensor's kept fractional length (module docstring). The weight and the
+    compensation given to :meth:`add_` and :meth:`resplit_` may be plain float tensors holding values of
+    the formats (simulation) or :class:`~adaprec.compact.StoredTensor` objects holding them in the
+    formats' compact parts (:meth:`~adaprec.formats.Format.encode_stored`); both give the same numbers.
 
     Example:
         >>> import torch
@@ -126,8 +129,6 @@ class Storage:
         ...     s.add_(w, torch.full((4,), 2.0**-8), comp=c, fl=fl)
         >>> w + c                                   # nothing lost
         tensor([0.0391, 0.0391, 0.0391, 0.0391])
-        >>> Storage("bf16").bytes_per_param()
-        4.0
     """
 
     weight: Format = field(default_factory=lambda: FloatFormat("bf16"))
@@ -176,14 +177,6 @@ class Storage:
         w, c = format_name(self.weight), format_name(self.comp)
         return f"{w}+{c}/h{self.headroom_bits}/z{self.zero_range!r}/{self.overflow}"
 
-    def bytes_per_param(self, compensated: bool = True) -> float:
-        """Modelled bytes per parameter of the weight plus (if ``compensated``) its compensation.
-
-        A ``b``-bit format costs ``b / 8`` bytes (packed storage; a per-tensor fractional length is
-        negligible). The simulation itself keeps float32 tensors; this is the cost the formats model.
-        """
-        return (self.weight.storage_bits + (self.comp.storage_bits if compensated else 0)) / 8.0
-
     # ------------------------------------------------------------------ grids
     def fit(self, w: Tensor) -> Tensor | None:
         """The per-tensor state the weight grid keeps for ``w`` (a fixed-point fractional length, a scaled
@@ -212,6 +205,49 @@ class Storage:
         """Grid step of a compensation with a fixed grid (``2**-FL_c`` in fixed point); ``nan`` otherwise."""
         return self.comp.grid_step(self.comp.comp_state(self.weight, fl))
 
+    # ------------------------------------------------------------------ compact holding
+    def comp_state(self, fl: Tensor | None) -> Tensor | None:
+        """The compensation grid's state beside a weight with kept state ``fl`` (``FL_c`` in fixed point)."""
+        return self.comp.comp_state(self.weight, fl)
+
+    @staticmethod
+    def _round_into(fmt: Format, t: Tensor, x: Tensor, state: Tensor | None,
+                    noise: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """Round ``x`` into ``fmt`` for the tensor ``t`` that will hold it: the values, and the compact
+        parts when ``t`` is a stored tensor (encoded from ``x`` itself: no second rounding)."""
+        if is_stored(t):
+            parts = fmt.encode_stored(x, state, noise)
+            return fmt.decode_stored(parts, state, x.shape), parts
+        return fmt.round_stored(x, state, noise, saturate=True), None
+
+    @staticmethod
+    def _assign(t: Tensor, v: Tensor, parts: tuple[Tensor, ...] | None, state: Tensor | None,
+                fmt: Format) -> None:
+        if parts is None:
+            t.copy_(v)
+        else:
+            t.set_parts_(parts, state, t.codec if t.codec.name == fmt.short() else _codec(fmt))
+
+    def new_comp(self, x: Tensor, fl: Tensor | None, compact: bool) -> Tensor:
+        """``x`` rounded onto the compensation grid: held in the compensation format's compact parts
+        when ``compact`` and that format has them (encoded from ``x``: one rounding), else plain."""
+        if compact and self.comp.packs_stored and x.dtype == torch.float32:
+            cs = self.comp_state(fl)
+            return StoredTensor.from_parts(self.comp.encode_stored(x, cs), _codec(self.comp), cs, x.shape)
+        return self.quantize_comp(x, fl)
+
+    def hold_comp(self, c: Tensor, fl: Tensor | None) -> Tensor:
+        """A compensation ``c`` already on its grid (e.g. loaded from a checkpoint), held compactly when
+        that keeps every value (else, or without a compact form, ``c`` itself as a plain tensor)."""
+        c = values(c)
+        if not self.comp.packs_stored or c.dtype != torch.float32:
+            return c
+        cs = self.comp_state(fl)
+        parts = self.comp.encode_stored(c, cs)
+        if not torch.equal(self.comp.decode_stored(parts, cs, c.shape), c):
+            return c
+        return StoredTensor.from_parts(parts, _codec(self.comp), cs, c.shape)
+
     # ------------------------------------------------------------------ updates
     def split(self, w_hp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Split a high-precision tensor into ``(w, c, fl)``: ``w = Q_w(w_hp)``, ``c = Q_c(w_hp - w)``."""
@@ -225,7 +261,7 @@ class Storage:
 
         ``w_hp = param + comp``; ``param = Q_w(w_hp)``; ``comp = Q_c(w_hp - param)`` (when given), so
         ``param + comp`` is preserved up to the new compensation grid. Without ``comp`` the parameter is
-        just rounded to the new weight grid.
+        just rounded to the new weight grid. Plain tensors only (an optimizer re-splits stored ones).
         """
         w_hp = param.detach() + comp if comp is not None else param.detach().clone()
         w, c, fl = self.split(w_hp)
@@ -254,31 +290,39 @@ class Storage:
 
         With ``overflow="rescale"`` a fixed-point ``fl`` is lowered in place when ``w + Δ`` would leave
         the range. ``alpha`` is applied inside the addition (``torch.add(w, delta, alpha=alpha)``), so
-        that FP32 storage with ``update="nearest"`` reproduces ``torch.optim.SGD`` bit for bit.
+        that FP32 storage with ``update="nearest"`` reproduces ``torch.optim.SGD`` bit for bit. ``w``
+        and ``comp`` may be stored tensors (compact parts, class docstring): the same numbers result.
         """
+        wv = values(w)
         if update == "kahan":
             if comp is None:
                 raise ValueError("update='kahan' needs the compensation buffer `comp`")
-            y = self.quantize_comp(torch.add(comp, delta, alpha=alpha), fl, saturate=False)
-            target = w + y
+            y = self.quantize_comp(torch.add(values(comp), delta, alpha=alpha), fl, saturate=False)
+            target = wv + y
             self._rescale_(fl, target)  # a coarser grid (if any) applies to w and c from here on
-            w_new = self.quantize_weight(target, fl)
-            comp.copy_(self.quantize_comp(y - (w_new - w), fl))
-            w.copy_(w_new)
+            w_new, w_parts = self._round_into(self.weight, w, target, fl)
+            cs = self.comp_state(fl)
+            c_new, c_parts = self._round_into(self.comp, comp, y - (w_new - wv), cs)
+            self._assign(comp, c_new, c_parts, cs, self.comp)
+            self._assign(w, w_new, w_parts, fl, self.weight)
         elif update == "nearest":
-            target = torch.add(w, delta, alpha=alpha)
+            target = torch.add(wv, delta, alpha=alpha)
             self._rescale_(fl, target)
-            w.copy_(self.quantize_weight(target, fl))
+            self._assign(w, *self._round_into(self.weight, w, target, fl), fl, self.weight)
         elif update == "stochastic":
             if self.weight.is_identity:
                 w.add_(delta, alpha=alpha)  # nothing to round to
                 return
-            target = torch.add(w, delta, alpha=alpha)
+            target = torch.add(wv, delta, alpha=alpha)
             self._rescale_(fl, target)
-            noise = torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype)
-            w.copy_(self.quantize_weight(target, fl, noise))
+            noise = torch.rand(w.shape, generator=generator, device=w.device, dtype=wv.dtype)
+            self._assign(w, *self._round_into(self.weight, w, target, fl, noise), fl, self.weight)
         else:
             raise ValueError(f"unknown update mode {update!r}; expected one of {UPDATE_MODES}")
+
+
+def _codec(fmt: Format) -> FormatCodec:
+    return FormatCodec(fmt)
 
 
 def resplit(

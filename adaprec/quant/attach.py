@@ -126,7 +126,10 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if r.activation.active:
         # Activations before weights: stochastic rounding draws in the order the hardware routes use.
         out = _quantize_inputs(site, r.activation, args, kwargs, training, not site.recomputing)
-    if r.weight.active:
+    # Weights stored on the grid of the weight format (weight storage) are already quantized: the layer
+    # reads the parameters themselves. Held compactly, they reach the layer's ops as compact tensors, so
+    # what the ops save for the backward pass stays compact (adaprec.compact).
+    if r.weight.active and r.weight.fmt != site.stored_weight:
         dim = site.kind.channel_dim
         site.w = {spec.key: r.weight(spec.raw(), channel_dim=dim) for spec in site.weights}
     site.end_rounding(token)

@@ -242,6 +242,9 @@ class LayerSite:
     the layer's forward runs (between the hooks of :mod:`adaprec.quant.attach`), ``w`` holds the
     quantized weights of that call by name; ``native[training]`` is set by a backend whose own forward
     quantizes (the hardware routes), and ``recomputing`` marks an activation-checkpoint recompute.
+    ``stored_weight`` is set by weight storage (:mod:`adaprec.storage_mode`) to a weight format whose
+    quantization leaves the stored weights as they are (:meth:`~adaprec.formats.Format.keeps_stored`):
+    while the weight role has that format the forward reads the stored weights themselves.
 
     Example:
         >>> import torch
@@ -273,6 +276,7 @@ class LayerSite:
         self.deferred = 0  # training forwards without autograd whose backward a checkpoint recompute runs
         self.call_macs: Any = None  # a forward that counts its own products leaves them here (RNNs)
         self.w: dict[str, Tensor] | None = None
+        self.stored_weight: Format | None = None
         self.recomputing = False
         self.native = [False, False]  # indexed by ``training``
         self.weights: list[Any] = []  # adaprec.quant.attach._WeightSpec, one per quantized weight
