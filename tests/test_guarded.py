@@ -187,7 +187,7 @@ def test_backward_widths_follow_each_layers_error_spread():
     spike[3, 5] = 1.0
     signs = torch.ones(64, 64)
     signs[::2] = -1.0
-    pol = GuardedCPT(bits=(4, 8), grad_bits=(6, 8), cycles=2, probe_every=2)
+    pol = GuardedCPT(bits=(4, 8), grad_bits=(6, 8), cycles=2, probe_every=2)  # default range: (6, 7)
     with adaprec.Controller(m, policy=pol, total_steps=40, classifier_floor=False) as ctl:
         seen = []
         for _ in range(40):

@@ -28,7 +28,8 @@ register_policy("fp32", FP32Policy, "no quantization; the controller only observ
 register_policy("fixed", Fixed, "static precision for the whole run, e.g. Fixed(bits=8, grad_bits=8)")
 register_policy("cpt", CPT, "cyclic precision training (Fu et al. 2021): forward bits cycle 3-8 on a "
                 "cosine ramp, 32 cycles, backward 8; CPT(bits='auto') finds B_min by a range test")
-register_policy("guarded_cpt", GuardedCPT, "CPT with a triangular cycle whose lower bound rises while the "
-                "training loss shows the low end costs quality; backward 6 bits (issue 13)")
+register_policy("guarded_cpt", GuardedCPT, "CPT on a triangular 4-8 bit cycle whose lower bound rises while "
+                "the training loss shows the low end costs quality; backward 6-7 bits per layer from each "
+                "error's measured spread")
 register_policy("muppet", MuPPET, "MuPPET (Rajagopal et al. 2020): fixed point 8->12->14->16->FP32, "
                 "switching on inter-epoch gradient diversity; per_layer=True: one ladder per layer")
