@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from common import command_line, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
 #: The tasks and their training constraints (shared by every policy; also used by muppet_ablation.py).
 TASKS: dict[str, dict[str, Any]] = {
@@ -260,6 +260,47 @@ def markdown(summary: dict[str, Any], tuned: dict[str, Any], seeds: list[int], w
     return "\n".join(lines)
 
 
+def command_without_cache() -> str:
+    """The command line minus ``--cache FILE``: the cache only skips runs whose settings are identical, so
+    the results do not depend on it (and its path is machine-specific).
+
+    Example:
+        >>> import sys
+        >>> argv, sys.argv = sys.argv, ["benchmarks/lm_policy.py", "--cache", "/tmp/x.jsonl", "--trials", "4"]
+        >>> command_without_cache()
+        'python benchmarks/lm_policy.py --trials 4'
+        >>> sys.argv = argv
+    """
+    args, out, skip = sys.argv[1:], [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--cache":
+            skip = True
+        elif not a.startswith("--cache="):
+            out.append(a)
+    return " ".join(["python", sys.argv[0], *out])
+
+
+def readme_table(summary: dict[str, Any]) -> str:
+    """The compact table the README shows: one row per policy, one column group per task."""
+    tasks = list(summary)
+    labels = [lb for lb in CONFIGS if any(lb in summary[t]["rows"] for t in tasks)]
+    head = "| policy | " + " | ".join(f"{t}: {summary[t]['metric']} / savings" for t in tasks) + " |"
+    lines = [head, "|---|" + "---|" * len(tasks)]
+    for label in labels:
+        cells = []
+        for t in tasks:
+            r = summary[t]["rows"].get(label)
+            if r is None:
+                cells.append("—")
+                continue
+            mark = "" if label in ("FP32", "static 8/8") else (" ✓" if r.get("goal") else " ✗")
+            cells.append(f"{r['mean']:.4f} ± {r['std']:.4f} / {100 * r['savings']:.0f}%{mark}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _load_cache(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None or not path.is_file():
         return {}
@@ -280,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs (one torch thread each)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="JSON-lines file of finished runs: reused when their settings match, appended to")
+    ap.add_argument("--readme", action="store_true",
+                    help="print the README's table from benchmarks/results/lm_policy.json and exit")
     args = ap.parse_args(argv)
+    if args.readme:
+        from common import RESULTS_DIR
+
+        print(readme_table(json.loads((RESULTS_DIR / "lm_policy.json").read_text())["data"]["summary"]))
+        return 0
     start = time.perf_counter()
     cache = _load_cache(args.cache)
     tuned: dict[str, Any] = {}
@@ -330,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"summary": summary, "runs": runs, "tuning": tuned, "tasks": {t: TASKS[t] for t in args.tasks},
             "configs": {k: list(v) for k, v in configs.items()}, "seeds": args.seeds, "tune_seed": TUNE_SEED,
             "wall_time_s": wall, "jobs": args.jobs, "worker_threads": 1}
-    write_results("lm_policy", data, md, command_line())
+    write_results("lm_policy", data, md, command_without_cache())
     return 0
 
 

@@ -36,8 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import command_line, write_results  # noqa: E402
-from lm_policy import EVAL_SEEDS, TASKS, _load_cache, run_one, settings_key  # noqa: E402
+from common import write_results  # noqa: E402
+from lm_policy import EVAL_SEEDS, TASKS, _load_cache, command_without_cache, run_one, settings_key  # noqa: E402
 
 from adaprec.policies.muppet import even_schedule, min_stay, random_schedule  # noqa: E402
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     data = {"summary": summary, "runs": runs, "tasks": {t: TASKS[t] for t in args.tasks}, "seeds": args.seeds,
             "wall_time_s": wall}
-    write_results("muppet_ablation", data, md, command_line())
+    write_results("muppet_ablation", data, md, command_without_cache())
     return 0
 
 

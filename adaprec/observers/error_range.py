@@ -151,11 +151,19 @@ class ErrorRange(Observer):
 
     @property
     def crest(self) -> dict[str, float]:
-        """The measured crest factors (layers not measured yet are left out); reading syncs."""
+        """The measured crest factors (layers not measured yet are left out); reading syncs.
+
+        Under ``torch.distributed`` each rank sees its own errors, so the values are reduced to their
+        maximum over ranks first: every rank then reads the same numbers (and takes the same decisions).
+        """
         if self.values is None:
             return {}
-        vals = self.values.tolist()
-        return {n: v for n, v, s in zip(self.names, vals, self.seen) if s}
+        vals = self.values
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            vals = vals.clone()
+            torch.distributed.all_reduce(vals, op=torch.distributed.ReduceOp.MAX)
+        return {n: v for n, v, s in zip(self.names, vals.tolist(), self.seen) if s}
 
     def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "values": None if self.values is None else self.values.tolist(),
