@@ -368,3 +368,70 @@ def test_time_model_resumes():
     part, _ = _time_run(7)
     resumed, _ = _time_run(10, state=part.state_dict())
     assert resumed.report()["modelled_seconds"] == pytest.approx(full.report()["modelled_seconds"])
+
+
+# --- fixed and random schedules (the ablation's controls) --------------------------------------------
+
+def test_schedule_switches_at_the_listed_epochs_without_diversity():
+    from adaprec.policies.muppet import even_schedule
+
+    sched = even_schedule(4, 30)
+    assert sched == [5, 11, 17, 23]
+    pol = MuPPET(schedule=sched)
+    # Diversity would never trigger a switch here (constant Δ); the schedule alone decides.
+    ctl, changes = run(pol, lambda w, layer: 0.5, 30)
+    assert pol.switch_epochs() == sched
+    assert [s["reason"] for s in pol.switches] == ["schedule"] * 4
+    assert pol.trace == [] and "muppet.diversity" not in ctl.components
+    assert changes == [e + 1 for e in sched]  # one iteration per epoch: the switch applies from the next
+    assert ctl.history[-1].layers["0"].is_fp32
+    assert pol.config()["schedule"] == sched
+    assert make_policy("muppet", schedule=sched).schedule == tuple(sched)
+
+
+def test_schedule_resumes_mid_run():
+    sched = [3, 7]
+    full, _ = run(MuPPET(schedule=sched), designed, 12)
+    part, _ = run(MuPPET(schedule=sched), designed, 5)
+    state = part.state_dict()
+    resumed, _ = run(MuPPET(schedule=sched), designed, 12, start=5, state=state)
+    assert resumed.policy.switch_epochs() == full.policy.switch_epochs() == sched
+    assert resumed.policy.level_of() == full.policy.level_of() == 2
+
+
+def test_random_schedule_is_seeded_uniform_and_keeps_the_minimum_stay():
+    from collections import Counter
+
+    from adaprec.policies.muppet import min_stay, random_schedule
+
+    assert min_stay() == 9
+    draws = [tuple(random_schedule(2, 30, stay=9, seed=s)) for s in range(3000)]
+    assert random_schedule(2, 30, seed=5) == random_schedule(2, 30, seed=5)
+    for d in draws:
+        assert d[0] >= 8 and d[1] - d[0] >= 9 and d[1] <= 28
+    # Every admissible schedule is possible and about equally likely: C(13, 2) = 78 of them.
+    counts = Counter(draws)
+    assert len(counts) == 78
+    assert max(counts.values()) < 3 * min(counts.values())
+    assert random_schedule(0, 10) == []
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"schedule": [5, 3]}, ValueError, "strictly increasing"),
+    ({"schedule": [1, 2, 3, 4, 5]}, ValueError, "at most 4"),
+    ({"schedule": [-1]}, ValueError, "non-negative int"),
+    ({"schedule": "8,17"}, TypeError, "sequence of switch epochs"),
+    ({"schedule": [8], "per_layer": True}, ValueError, "cannot be combined"),
+])
+def test_bad_schedules(kw, err, match):
+    with pytest.raises(err, match=match):
+        MuPPET(**kw)
+
+
+def test_schedule_helpers_reject_impossible_requests():
+    from adaprec.policies.muppet import even_schedule, random_schedule
+
+    with pytest.raises(ValueError, match="need at least 28 epochs"):
+        random_schedule(3, 27, stay=9)
+    with pytest.raises(ValueError, match="switches must be an integer"):
+        even_schedule(-1, 10)

@@ -51,6 +51,7 @@ CASES: dict[str, tuple[int, int]] = {
     # weights and of a bf16 momentum (the optimizer's own generator).
     "kahan_adam_8bit": (5, 2),
     "stochastic_bf16_state": (5, 2),
+    "guarded": (9, 4),    # GuardedCPT: 3 cycles of 12 steps, stops in the second; error probes every 2
 }
 BATCHES = 4
 
@@ -63,7 +64,7 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _build(case: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     from adaprec.optim import Compensated, KahanSGD
-    from adaprec.policies import CPT, Fixed, MuPPET
+    from adaprec.policies import CPT, Fixed, GuardedCPT, MuPPET
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
@@ -90,6 +91,9 @@ def _build(case: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
             policy = LossBits()
         elif case == "cpt":
             policy = CPT(bits=(3, 8), grad_bits=(6, 8), cycles=3)
+        elif case == "guarded":  # tolerance 0, z 0: the bound rises on any positive excess
+            policy = GuardedCPT(bits=(3, 8), grad_bits=(4, 8), cycles=3, probe_every=2, skip_cycles=0,
+                                tolerance=0.0, z=0.0, grad_noise=0.01)
         else:  # T(j) = 1: every drop of diversity is a violation, and one switches (many switches)
             policy = MuPPET(levels=(6, 8, 10, 12, 16, "fp32"), resolution=2, patience=1, alpha=1.0, beta=0.0)
     ctl = adaprec.Controller(model, policy=policy, optimizer=opt, total_steps=epochs * BATCHES, **kw)
@@ -188,6 +192,9 @@ def test_resume_in_a_new_process_is_exact(tmp_path: Path) -> None:
             assert len(changes) == 1
         else:
             assert any(s > stop_step for s in changes), f"{case}: no decision after the resume point"
+        if case == "guarded":  # the bound rises after the resume point; the layers' error widths differ
+            assert [t["raised"] for t in full["policy"]["trace"]][1:] == [True, True]
+            assert len(set(full["policy"]["layer_grad_bits"].values())) == 2
         if case == "muppet":
             switches = full["policy"]["switches"]
             assert {s["epoch"] < stop for s in switches} == {True, False}, switches  # before and after

@@ -25,6 +25,10 @@ Beyond the paper:
 * ``check_every=k`` uses :class:`~adaprec.observers.WindowedDiversity` instead (every ``k`` steps over
   the last ``resolution`` step gradients; ``T`` then uses the current epoch index) for runs with few,
   long epochs.
+* ``schedule=[e1, e2, ...]`` replaces the rule by fixed switch epochs (switch at the end of each listed
+  epoch; no diversity is computed). It is the control of an ablation: does the rule beat a schedule
+  with as many switches? :func:`even_schedule` spaces ``k`` switches evenly over a run and
+  :func:`random_schedule` draws them from a seeded generator, keeping the rule's minimum stay.
 
 Departures from the released code: gradients are cloned (the release forgets to, see
 docs/methods.md#muppet-rule) and the fixed-point quantizer saturates (see
@@ -52,7 +56,8 @@ from .base import Policy
 if TYPE_CHECKING:  # pragma: no cover
     from ..controller import Controller
 
-__all__ = ["MuPPET", "muppet_threshold", "level_precision", "DEFAULT_LEVELS"]
+__all__ = ["MuPPET", "muppet_threshold", "level_precision", "DEFAULT_LEVELS", "even_schedule",
+           "random_schedule", "min_stay"]
 
 DEFAULT_LEVELS: tuple[int | str, ...] = (8, 12, 14, 16, "fp32")
 _GLOBAL = "*"
@@ -66,6 +71,62 @@ def muppet_threshold(j: float, alpha: float = 1.0, beta: float = 1.5, lam: float
         [2.228, 1.674, 1.37, 1.083]
     """
     return alpha + beta * math.exp(-lam * j)
+
+
+def min_stay(resolution: int = 3, patience: int = 2) -> int:
+    """The fewest epochs the rule keeps a level: one window sets maxGD, ``patience`` more must violate.
+
+    Example:
+        >>> min_stay(), min_stay(resolution=2, patience=1)
+        (9, 4)
+    """
+    return resolution * (patience + 1)
+
+
+def _check_schedule_args(switches: Any, epochs: Any, stay: Any) -> None:
+    for name, v, lo in (("switches", switches, 0), ("epochs", epochs, 1), ("min_stay", stay, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if switches and switches * stay > epochs - 1:
+        raise ValueError(f"{switches} switches with a minimum stay of {stay} epochs need at least "
+                         f"{switches * stay + 1} epochs (each level but the last >= {stay} epochs, the "
+                         f"last >= 1), got epochs={epochs}")
+
+
+def even_schedule(switches: int, epochs: int) -> list[int]:
+    """``switches`` switch epochs that split ``epochs`` into ``switches + 1`` levels of (nearly) equal length.
+
+    A switch at epoch ``e`` takes effect from epoch ``e + 1``.
+
+    Example:
+        >>> even_schedule(4, 60)
+        [11, 23, 35, 47]
+    """
+    _check_schedule_args(switches, epochs, 1)
+    return [round((i + 1) * epochs / (switches + 1)) - 1 for i in range(switches)]
+
+
+def random_schedule(switches: int, epochs: int, stay: int = 9, seed: int = 0) -> list[int]:
+    """``switches`` random switch epochs, every level but the last at least ``stay`` epochs long.
+
+    Drawn uniformly over all such schedules within ``epochs`` (the last level keeps >= 1 epoch) from
+    ``random.Random(seed)``, so a seed fixes the schedule. ``stay`` defaults to the rule's minimum
+    (:func:`min_stay`), so the control has the same constraint as MuPPET itself.
+
+    Example:
+        >>> random_schedule(3, 40, stay=9, seed=1) == random_schedule(3, 40, stay=9, seed=1)
+        True
+        >>> s = random_schedule(3, 40, stay=9, seed=2)
+        >>> len(s), all(b - a >= 9 for a, b in zip([-1] + s, s)), s[-1] <= 38
+        (3, True, True)
+    """
+    import random
+
+    _check_schedule_args(switches, epochs, stay)
+    # Shift out the mandatory gaps: the schedules map one-to-one onto k distinct values in 0..free-1.
+    free = epochs - 1 - switches * (stay - 1)
+    picks = sorted(random.Random(seed).sample(range(free), switches))
+    return [p + (i + 1) * (stay - 1) for i, p in enumerate(picks)]
 
 
 def level_precision(spec: Any) -> Precision:
@@ -136,7 +197,8 @@ class MuPPET(Policy):
 
     Args:
         levels: the ladder, lowest first (ints are fixed-point word lengths; see :func:`level_precision`);
-            ``None`` (default): the backend's own ladder when it has one, else :data:`DEFAULT_LEVELS`.
+            ``None`` (default): the backend's own ladder when it has one, else :data:`DEFAULT_LEVELS`
+            (with ``schedule``, always :data:`DEFAULT_LEVELS`: a schedule is written for one ladder).
         resolution: epochs per diversity window (``r``); with ``check_every``, gradients per window.
         patience: violations that trigger a switch (``y``).
         alpha, beta, lam: the threshold ``T(j) = alpha + beta * exp(-lam * j)``.
@@ -145,6 +207,9 @@ class MuPPET(Policy):
         check_every: ``None`` (inter-epoch checks, the paper) or ``k``: check every ``k`` steps.
         capture: how the epoch's last gradient is kept, ``"reference"`` or ``"copy"`` (see
             :class:`~adaprec.observers.GradientDiversity`).
+        schedule: ``None`` (the rule) or fixed switch epochs, strictly increasing, at most one fewer
+            than the levels: the ladder moves up at the end of each listed epoch and no diversity is
+            computed (the ablation's control; only for the global ladder without ``check_every``).
 
     After a run, ``switches`` lists every switch (epoch, step, layer or ``"*"``, from, to, reason) and
     ``trace`` every check (diversity, maxGD, ratio, threshold, violation, level). A policy object starts
@@ -166,10 +231,11 @@ class MuPPET(Policy):
     def __init__(self, levels: Any = None, resolution: int = 3, patience: int = 2,
                  alpha: float = 1.0, beta: float = 1.5, lam: float = 0.1, per_layer: bool = False,
                  max_epochs_per_level: int | None = None, check_every: int | None = None,
-                 capture: str = "reference") -> None:
+                 capture: str = "reference", schedule: Any = None) -> None:
         #: ``levels=None``: the backend's ladder once attached (``backend.muppet_levels``, e.g. the hardware
-        #: backend's fx8 -> bf16 -> fp32), else :data:`DEFAULT_LEVELS`.
-        self.default_levels = levels is None
+        #: backend's fx8 -> bf16 -> fp32), else :data:`DEFAULT_LEVELS`. A schedule counts switches on
+        #: the ladder it was checked against, so it keeps that one.
+        self.default_levels = levels is None and schedule is None
         self._set_levels(DEFAULT_LEVELS if levels is None else levels)
         self.resolution = _check_int("resolution", resolution, 1 if check_every is None else 2)
         self.patience = _check_int("patience", patience, 1)
@@ -188,6 +254,7 @@ class MuPPET(Policy):
         if capture not in ("reference", "copy"):
             raise ValueError(f"capture must be 'reference' or 'copy', got {capture!r}")
         self.capture = capture
+        self.schedule = None if schedule is None else self._check_schedule(schedule)
         self.ctl = None
         self._reset([])
 
@@ -212,6 +279,23 @@ class MuPPET(Policy):
         self.levels = levels
         self._precisions = precs
 
+    def _check_schedule(self, schedule: Any) -> tuple[int, ...]:
+        if isinstance(schedule, str | bytes) or not hasattr(schedule, "__iter__"):
+            raise TypeError(f"schedule must be a sequence of switch epochs, e.g. [8, 17, 26], got "
+                            f"{schedule!r}")
+        epochs = list(schedule)
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs):
+            raise ValueError(f"schedule must hold non-negative int epochs, got {epochs}")
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise ValueError(f"schedule epochs must be strictly increasing, got {epochs}")
+        if len(epochs) > len(self._precisions) - 1:
+            raise ValueError(f"schedule has {len(epochs)} switches but the ladder {self.levels_short()} "
+                             f"allows at most {len(self._precisions) - 1}")
+        if self.per_layer or self.check_every is not None or self.max_epochs_per_level is not None:
+            raise ValueError("schedule= replaces the diversity rule; it cannot be combined with per_layer, "
+                             "check_every or max_epochs_per_level")
+        return tuple(epochs)
+
     # --- configuration --------------------------------------------------------------------------
     def threshold(self, j: float) -> float:
         return muppet_threshold(j, self.alpha, self.beta, self.lam)
@@ -221,8 +305,8 @@ class MuPPET(Policy):
         return [_level_name(p) for p in self._precisions]
 
     def config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {
-            "levels": None if self.default_levels else [lv for lv in self.levels],
+        cfg: dict[str, Any] = {} if self.default_levels else {"levels": list(self.levels)}  # absent: default
+        cfg |= {
             "resolution": self.resolution, "patience": self.patience,
             "alpha": self.alpha, "beta": self.beta, "lam": self.lam, "per_layer": self.per_layer,
         }
@@ -232,6 +316,8 @@ class MuPPET(Policy):
             cfg["check_every"] = self.check_every
         if self.capture != "reference":
             cfg["capture"] = self.capture
+        if self.schedule is not None:
+            cfg["schedule"] = list(self.schedule)
         return cfg
 
     @classmethod
@@ -239,7 +325,8 @@ class MuPPET(Policy):
         """Fixed ranges around the paper's setting, for Optuna (``adaprec.tune``)."""
         start = trial.suggest_int("start_level", 0, 3)
         return {
-            "levels": list(DEFAULT_LEVELS[start:]),
+            # start 0: the default ladder (the backend's own where it has one, e.g. the hardware ladder)
+            "levels": None if start == 0 else list(DEFAULT_LEVELS[start:]),
             "resolution": trial.suggest_int("resolution", 2, 5),
             "patience": trial.suggest_int("patience", 1, 3),
             "alpha": trial.suggest_float("alpha", 1.0, 1.5),
@@ -263,12 +350,15 @@ class MuPPET(Policy):
         if self.default_levels:
             self._set_levels(getattr(ctl.backend, "muppet_levels", None) or DEFAULT_LEVELS)
         self._reset(list(ctl.layer_names) if self.per_layer else [_GLOBAL])
-        if self.check_every is None:
+        if self.schedule is not None:
+            self.observer = None
+        elif self.check_every is None:
             self.observer = GradientDiversity(self.resolution, capture=self.capture)
         else:
             self.observer = WindowedDiversity(self.check_every, self.resolution, stat="grad_diversity")
         # Observer first: its handler must have computed Δ before ours reads it.
-        self.observer.attach(ctl, name="muppet.diversity")
+        if self.observer is not None:
+            self.observer.attach(ctl, name="muppet.diversity")
         had_tm = isinstance(ctl.components.get(TrainingTimeModel.name), TrainingTimeModel)
         self._time_model = None if had_tm else attach_time_model(ctl)
         self._handles.append(ctl.on(Event.EPOCH_COMPLETED, self._on_epoch))
@@ -295,6 +385,13 @@ class MuPPET(Policy):
     def _on_epoch(self, ctl: Controller, epoch: int, **_: Any) -> None:
         j = int(epoch)
         changed = False
+        if self.schedule is not None:
+            lad = self.ladders[_GLOBAL]
+            if j in self.schedule and lad.level < len(self._precisions) - 1:
+                self._switch(ctl, _GLOBAL, lad, j, "schedule", next_epoch=j + 1)
+                self._rebuild()
+                ctl.refresh()
+            return
         res = self.observer.result
         if self.check_every is None and res is not None and res.epoch == j and res.step == ctl.step_count:
             changed = self._check(ctl, j, res, mid_epoch=False)
