@@ -74,7 +74,9 @@ def held_tensors(t: Tensor) -> list[Tensor]:
         names, _ = t.__tensor_flatten__()
         out: list[Tensor] = []
         for n in names:
-            out += held_tensors(getattr(t, n))
+            inner = getattr(t, n)
+            if isinstance(inner, Tensor):  # a DTensor also names its device mesh: not a tensor
+                out += held_tensors(inner)
         return out
     return [t]
 
