@@ -1,6 +1,7 @@
 """The spread of each layer's error (the gradient at its output): a live range test for backward widths.
 
-CPT's errors are quantized per tensor with stochastic rounding on a min-max grid (docs/methods.md#sbm-quantizer).
+CPT's errors are quantized per tensor with stochastic rounding on a min-max grid
+(docs/methods.md#sbm-quantizer).
 The grid's step is ``(max - min) / (2^g - 1)``, so a few large entries coarsen it for every entry; with
 stochastic rounding the noise added to an entry has variance up to ``step^2 / 4``, ``step^2 / 6`` on
 average over positions within a step. Relative to the error's mean square that is
