@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import math
 import os
 import statistics
@@ -60,6 +61,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
+from common import RESULTS_DIR as RESULTS  # noqa: E402
 from common import command_line, median, write_results  # noqa: E402
 
 import adaprec  # noqa: E402
@@ -482,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epoch-steps", type=int, default=4, help="steps per epoch (MuPPET's checks)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one seed, few steps; writes nothing")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep what benchmarks/results/speed.json holds and add/replace what this run "
+                         "measures (e.g. a later run of --parts timing --threads 2 on a quieter machine)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.seeds, args.gpt_steps, args.resnet_steps = 2, 2, 1, 8, 8
@@ -490,6 +495,14 @@ def main(argv: list[str] | None = None) -> dict:
     threads0 = torch.get_num_threads()
     res: dict[str, Any] = {"machine": {"flags": cpu_flags(), "load_start": load()},
                            "config": {k: v for k, v in vars(args).items()}, "gpu": NO_GPU}
+    previous: dict[str, Any] = {}
+    if args.merge and (RESULTS / "speed.json").is_file():
+        previous = json.loads((RESULTS / "speed.json").read_text())["data"]
+        # Each run's own settings and load averages stay with the part it measured.
+        res["runs"] = previous.get("runs", [{"config": previous["config"], "machine": previous["machine"]}])
+        for part in ("kernels", "timing", "accuracy"):
+            if part in previous:
+                res[part] = previous[part]
     def save(final: bool) -> None:
         # After every part, so that a long run that stops keeps what it measured (marked partial).
         res["machine"]["load_end"] = load()
@@ -499,11 +512,13 @@ def main(argv: list[str] | None = None) -> dict:
             write_results("speed", res, table(res), command_line())
 
     try:
-        res["kernels"] = kernels(3 if args.quick else 9) if "kernels" in args.parts else {}
+        if "kernels" in args.parts:
+            res["kernels"] = kernels(3 if args.quick else 9)
+        res.setdefault("kernels", {})
         save(False)
         setups = {m: Setup(m, args.quick) for m in args.models}
         if "timing" in args.parts:
-            res["timing"] = {}
+            res["timing"] = dict(res.get("timing", {}))
             for m in args.models:
                 for mode in args.modes:
                     for th in args.threads:
@@ -511,13 +526,15 @@ def main(argv: list[str] | None = None) -> dict:
                                                                     args.warmup)
                         save(False)
         if "accuracy" in args.parts:
-            res["accuracy"] = {}
+            res["accuracy"] = dict(res.get("accuracy", {}))
             for m in args.models:
                 steps = args.gpt_steps if m == "gpt" else args.resnet_steps
                 res["accuracy"][m] = accuracy(setups[m], plans, args.seeds, steps, args.epoch_steps)
                 save(False)
     finally:
         torch.set_num_threads(threads0)
+    if "runs" in res:
+        res["runs"].append({"config": res["config"], "machine": res["machine"]})
     save(True)
     print(table(res))
     return res

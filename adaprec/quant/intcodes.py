@@ -235,6 +235,16 @@ def _error_codes(ctx, g: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Tensor 
     return None, torch.ones(()), torch.zeros(()), None, gdeq
 
 
+def _keep_for_backward(ctx, codes: tuple, gq, via: str, b: Tensor | None, input_grad: str, x_off: bool,
+                       w_off: bool) -> None:
+    """What a code layer's backward needs: the operands' codes, scales and offsets, and the error format
+    as it is now (the controller may refill the quantizer in place before ``loss.backward()`` runs)."""
+    ctx.save_for_backward(*codes, gq.p.clone())
+    ctx.gfmt, ctx.grng, ctx.via = gq.fmt, gq.rng, via
+    ctx.has_bias, ctx.input_grad = b is not None, input_grad
+    ctx.x_off, ctx.w_off = x_off, w_off
+
+
 # --- Linear ------------------------------------------------------------------------------------------
 
 class CodesLinear(torch.autograd.Function):
@@ -262,12 +272,8 @@ class CodesLinear(torch.autograd.Function):
             col, colw = _code_sum(qx, 1, keepdim=True), sx * ow_r
         y = scale_add_(acc, sx * sw_r, add, col, colw)
         if torch.is_grad_enabled() or any(ctx.needs_input_grad):
-            # The error format as it is now: the controller may refill the quantizer in place before
-            # loss.backward() runs.
-            ctx.save_for_backward(qx, sx, ox, qw, sw, ow, gq.p.clone())
-            ctx.gfmt, ctx.grng, ctx.via, ctx.strict = gq.fmt, gq.rng, via, strict
-            ctx.has_bias, ctx.input_grad = b is not None, input_grad
-            ctx.x_off, ctx.w_off = x_off, w_off
+            _keep_for_backward(ctx, (qx, sx, ox, qw, sw, ow), gq, via, b, input_grad, x_off, w_off)
+            ctx.strict = strict
         return y
 
     @staticmethod
@@ -497,10 +503,8 @@ class CodesConv(torch.autograd.Function):
                 col, colw = _box(_chan_sum(qx), k, geo), sx * ow_c                # (B, 1, *out)
         y = scale_add_(acc, sx * sw_c, add, col, colw)
         if torch.is_grad_enabled() or any(ctx.needs_input_grad):
-            ctx.save_for_backward(qx, sx, ox, qw, sw, ow, gq.p.clone())
-            ctx.gfmt, ctx.grng, ctx.via, ctx.geo = gq.fmt, gq.rng, via, geo
-            ctx.has_bias, ctx.input_grad = b is not None, input_grad
-            ctx.x_off, ctx.w_off = x_off, w_off
+            _keep_for_backward(ctx, (qx, sx, ox, qw, sw, ow), gq, via, b, input_grad, x_off, w_off)
+            ctx.geo = geo
         return y
 
     @staticmethod
