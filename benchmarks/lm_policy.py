@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs (one torch thread each)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="JSON-lines file of finished runs: reused when their settings match, appended to")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: summarise the runs of --cache that match, and list the missing ones")
     ap.add_argument("--readme", action="store_true",
                     help="print the README's table from benchmarks/results/lm_policy.json and exit")
     args = ap.parse_args(argv)
@@ -361,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({**hit, "config": j[1]})
             else:
                 todo.append(j)
-        print(f"{len(runs)} runs from the cache, {len(todo)} to train", flush=True)
+        missing = [{"task": j[0], "config": j[1], "seed": j[4]} for j in todo] if args.cached_only else []
+        if args.cached_only:
+            todo = []
+        print(f"{len(runs)} runs from the cache, {len(todo)} to train, {len(missing)} missing", flush=True)
         futures = [pool.submit(run_one, *j) for j in todo]
         for fut in futures:
             r = fut.result()
@@ -374,10 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     summary = summarise(runs, list(configs))
     md = markdown(summary, tuned, args.seeds, wall)
+    if missing:  # each row's mean and std are over the seeds it has (its "seeds" in the JSON)
+        md += ("\n\n**Not run** (the session's time ran out; each row above is over the seeds it has): "
+               + "; ".join(f"{m['task']} {m['config']} seed {m['seed']}" for m in missing) + ".")
     print(md)
     data = {"summary": summary, "runs": runs, "tuning": tuned, "tasks": {t: TASKS[t] for t in args.tasks},
             "configs": {k: list(v) for k, v in configs.items()}, "seeds": args.seeds, "tune_seed": TUNE_SEED,
-            "wall_time_s": wall, "jobs": args.jobs, "worker_threads": 1}
+            "wall_time_s": wall, "jobs": args.jobs, "worker_threads": 1, "missing": missing}
     write_results("lm_policy", data, md, command_without_cache())
     return 0
 
