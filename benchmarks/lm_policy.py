@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -279,7 +280,7 @@ def command_without_cache() -> str:
             skip = True
         elif not a.startswith("--cache="):
             out.append(a)
-    return " ".join(["python", sys.argv[0], *out])
+    return shlex.join(["python", sys.argv[0], *out])  # quoted: labels hold spaces ("static 8/8")
 
 
 def readme_table(summary: dict[str, Any]) -> str:
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     summary = summarise(runs, list(configs))
     md = markdown(summary, tuned, args.seeds, wall)
+    if args.cached_only:  # no wall time of its own: the runs came from earlier invocations
+        md = md.replace(f"Wall time: {wall:.0f} s.", "Assembled from the cached runs of earlier invocations "
+                        "(`--cached-only`); each run's own time is `time_s` in the JSON.")
     if missing:  # each row's mean and std are over the seeds it has (its "seeds" in the JSON)
         md += ("\n\n**Not run** (the session's time ran out; each row above is over the seeds it has): "
                + "; ".join(f"{m['task']} {m['config']} seed {m['seed']}" for m in missing) + ".")
