@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         # A run over some tasks keeps the other tasks' runs of the last full result file.
         old = RESULTS_DIR / "formats.json"
         if old.exists():
-            prev = json.loads(old.read_text())
+            prev = json.loads(old.read_text())["data"]  # the payload of write_results
             runs = [r for r in prev.get("runs", []) if r["task"] not in args.tasks] + runs
             wall += prev.get("wall_time_s", 0.0)
     summary = summarise(runs)
