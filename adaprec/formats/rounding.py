@@ -123,6 +123,14 @@ def _lanes_stride(like: Tensor) -> tuple[int, ...]:
     return torch.empty_like(like, dtype=torch.int16, device="meta").stride()
 
 
+def _seeded_op(name: str, impl):
+    """``impl`` as an opaque custom op that draws random numbers (so torch.compile never replays it)."""
+    try:
+        return torch.library.custom_op(name, impl, mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+    except TypeError:  # torch < 2.5: no tags argument
+        return torch.library.custom_op(name, impl, mutates_args=())
+
+
 def _noise_lanes_impl(like: Tensor, rng: int) -> Tensor:
     n = like.numel()
     # random_(-2^63, None) fills all 64 bits; each word gives four independent 16-bit lanes.
@@ -134,11 +142,7 @@ def _noise_lanes_impl(like: Tensor, rng: int) -> Tensor:
 # An opaque op, so that torch.compile calls it as it is instead of inlining it: Inductor's own CPU random
 # numbers are generated element by element and made stochastic rounding ~3x slower than eager. Compiled
 # and eager code then also draw the same noise from the same generator.
-try:
-    _noise_lanes = torch.library.custom_op("adaprec::noise_lanes", _noise_lanes_impl, mutates_args=(),
-                                           tags=(torch.Tag.nondeterministic_seeded,))
-except TypeError:  # torch < 2.5: no tags argument
-    _noise_lanes = torch.library.custom_op("adaprec::noise_lanes", _noise_lanes_impl, mutates_args=())
+_noise_lanes = _seeded_op("adaprec::noise_lanes", _noise_lanes_impl)
 _noise_lanes.register_fake(lambda like, rng: like.new_empty_strided(like.shape, _lanes_stride(like),
                                                                     dtype=torch.int16))
 
@@ -180,11 +184,7 @@ def _sr_floor_impl(v: Tensor, rng: int) -> Tensor:
 # op plus a fused add: Inductor picks the layout of conv gradients (channels_last) *after* tracing, so
 # lanes traced as contiguous are read transposed and the fused kernel is not vectorized (~6x slower); here
 # the noise is cut in the layout the values really have.
-try:
-    _sr_floor = torch.library.custom_op("adaprec::sr_floor", _sr_floor_impl, mutates_args=(),
-                                        tags=(torch.Tag.nondeterministic_seeded,))
-except TypeError:  # torch < 2.5: no tags argument
-    _sr_floor = torch.library.custom_op("adaprec::sr_floor", _sr_floor_impl, mutates_args=())
+_sr_floor = _seeded_op("adaprec::sr_floor", _sr_floor_impl)
 _sr_floor.register_fake(lambda v, rng: torch.empty_like(v))
 
 
@@ -208,11 +208,7 @@ def _noise_f32_impl(like: Tensor, rng: int) -> Tensor:
 
 # The same lanes as float32 values, from one opaque op: compiled code that consumes int16 lanes is not
 # vectorized by Inductor (the int16 load blocks it; measured ~4x slower), float32 lanes are.
-try:
-    _noise_f32 = torch.library.custom_op("adaprec::noise_lanes_f32", _noise_f32_impl, mutates_args=(),
-                                         tags=(torch.Tag.nondeterministic_seeded,))
-except TypeError:  # torch < 2.5: no tags argument
-    _noise_f32 = torch.library.custom_op("adaprec::noise_lanes_f32", _noise_f32_impl, mutates_args=())
+_noise_f32 = _seeded_op("adaprec::noise_lanes_f32", _noise_f32_impl)
 _noise_f32.register_fake(lambda like, rng: like.new_empty_strided(like.shape, _lanes_stride(like),
                                                                   dtype=torch.float32))
 
