@@ -1,7 +1,7 @@
 """Real speed on the CPU: adaptive precision on real low-precision kernels vs FP32 and BF16 autocast
 (issue 12 benchmark).
 
-Two models, five plans, three parts.
+Two models, five plans, four parts.
 
 Models: the GPT character LM of the ``gptlm`` task at its ``speed`` preset (d_model 512, 4 blocks,
 sequence 128, batch 16) on the English text bundled with CPython, and the CIFAR-shaped ResNet-20
@@ -27,6 +27,12 @@ Parts:
    steps from the same initial weights and batches; the final validation loss (evaluated after the
    controller has left, in FP32), the end-to-end process CPU time of the training steps, and the route
    times of ``ctl.report()["route_time"]``.
+4. ``profile``: why a plan is as fast as it is. Per model (eager, one thread), one step of every plan
+   under ``torch.profiler`` after a warm-up, its self CPU time split into the *products* (matmul,
+   ``_int_mm`` and convolution kernels, forward and backward), attention, and everything else (the
+   model's elementwise work plus, for adaprec's plans, the quantization passes: ranges, rounding,
+   noise, casts, offset terms). The profiler's own cost inflates small operations, so these are shares
+   and differences, not step times.
 
 Goals (issue 12): GPT, one thread, eager and compiled: CPT >= 2.0x faster per step than FP32 and >= 1.2x
 faster than autocast; MuPPET >= 1.5x faster than FP32 end to end; every plan's validation loss within 2%
@@ -37,6 +43,10 @@ Usage::
     python benchmarks/speed.py                      # everything (about 40 minutes on a quiet machine)
     python benchmarks/speed.py --quick              # a smoke run of every part (writes nothing)
     python benchmarks/speed.py --parts timing --models gpt --threads 1 --modes eager
+    python benchmarks/speed.py --merge --parts profile   # add a part to the results file
+
+With ``--merge`` the results file is read again at every save and only what this run measured is
+replaced, so several runs (e.g. one per model) can go side by side.
 
 Results: ``benchmarks/results/speed.{json,md}`` (CPU model and flags, load averages, versions).
 """
@@ -72,6 +82,7 @@ from adaprec.quant.hardware import HardwareBackend  # noqa: E402
 from adaprec.quant.intcodes import codes_conv, codes_matmul  # noqa: E402
 
 PLANS = ("fp32", "autocast", "int8", "cpt", "muppet")
+PARTS = ("kernels", "timing", "accuracy", "profile")
 MODELS = ("gpt", "resnet")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
 NO_GPU = "not measured (no GPU)"
@@ -330,6 +341,53 @@ def timing(setup: Setup, plans: list[str], threads: int, mode: str, rounds: int,
     return out
 
 
+# --- part 4: profile ---------------------------------------------------------------------------------
+
+#: Self-CPU categories of the profile part, by operator name (first match wins).
+_PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::mv",
+                "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+                "aten::mkldnn_linear")
+
+
+def _category(name: str) -> str:
+    if "scaled_dot_product" in name:
+        return "attention"
+    if name in _PRODUCT_OPS:
+        return "products"
+    return "other"
+
+
+def profile_part(setup: Setup, plans: list[str], warmup: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    x, y = setup.timing_batch()
+    base = setup.build(0, timing=True)
+    out: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        runners = [Runner(p, setup, copy.deepcopy(base), "eager", stack, warmup + 2, True) for p in plans]
+        for r in runners:
+            for _ in range(warmup):
+                r.step(x, y)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                r.step(x, y)
+            events = prof.key_averages()
+            cats: dict[str, float] = {"products": 0.0, "attention": 0.0, "other": 0.0}
+            top = []
+            for e in events:
+                ms = e.self_cpu_time_total / 1e3
+                cats[_category(e.key)] += ms
+                top.append((ms, e.key, e.count))
+            top.sort(reverse=True)
+            total = sum(cats.values())
+            out[r.plan] = {"total_ms": total, **{f"{k}_ms": v for k, v in cats.items()},
+                           "top": [{"op": k, "self_ms": ms, "calls": c} for ms, k, c in top[:12]]}
+            print(f"  [{setup.name} profile] {r.plan:8s} total {total:7.0f} ms  products "
+                  f"{cats['products']:6.0f}  attention {cats['attention']:5.0f}  other {cats['other']:6.0f}",
+                  flush=True)
+    return out
+
+
 # --- part 3: accuracy --------------------------------------------------------------------------------
 
 def train_run(setup: Setup, plan: str, seed: int, steps: int, epoch_steps: int) -> dict[str, Any]:
@@ -415,6 +473,15 @@ def goals(res: dict) -> list[dict[str, Any]]:
     return out
 
 
+def not_measured(res: dict) -> list[str]:
+    """The parts of a full run (every model, mode and thread count) the results do not hold."""
+    out = [] if res.get("kernels", {}).get("matmul_1024") else ["kernels"]
+    out += [f"timing {m}/{mode}/{th}" for m in MODELS for mode in ("eager", "compiled") for th in (1, 2)
+            if f"{m}/{mode}/{th}" not in res.get("timing", {})]
+    out += [f"{part} {m}" for part in ("accuracy", "profile") for m in MODELS if m not in res.get(part, {})]
+    return out
+
+
 def _fmt(v: Any, spec: str = ".2f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -425,7 +492,9 @@ def _row(d: dict) -> str:
 
 def table(res: dict) -> str:
     flags = ", ".join(res["machine"]["flags"]) or "unknown"
-    lines = (["**Partial run** (stopped before every part had run)", ""] if res.get("partial") else []) + [
+    missing = res.get("not_measured", [])
+    lines = ([f"**Partial results.** Not measured: {', '.join(missing)}.", ""] if missing else
+             ["**Partial run** (stopped before every part had run)", ""] if res.get("partial") else []) + [
              f"CPU flags: {flags}; AMX: {res.get('kernels', {}).get('amx')}; "
              f"load average at start {res['machine']['load_start']}, at end {res['machine']['load_end']} "
              f"(a shared machine: process CPU time, alternating runs, medians). GPU: {NO_GPU}.", ""]
@@ -460,6 +529,19 @@ def table(res: dict) -> str:
                          f"{_fmt(100 * s.get('val_loss_vs_fp32', 0), '+.1f')}% | {s['accuracy_mean']:.3f} | "
                          f"{s['cpu_s_median']:.1f} | {_fmt(s.get('end_to_end_speedup_vs_fp32'))} |")
         lines.append("")
+    for model, prof in res.get("profile", {}).items():
+        fp = prof.get("fp32", {})
+        lines += [f"**Profile, {model}** (one eager step per plan, 1 thread, self CPU time under "
+                  "`torch.profiler`, ms; *other* is everything but the product kernels and attention: the "
+                  "model's elementwise work and, for adaprec's plans, the quantization passes):", "",
+                  "| plan | total | products | attention | other | other − FP32's other | top operators |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for p, v in prof.items():
+            extra = v["other_ms"] - fp["other_ms"] if fp else None
+            tops = ", ".join(f"`{t['op']}` {t['self_ms']:.0f}" for t in v["top"][:5])
+            lines.append(f"| {p} | {v['total_ms']:.0f} | {v['products_ms']:.0f} | {v['attention_ms']:.0f} | "
+                         f"{v['other_ms']:.0f} | {_fmt(extra, '+.0f')} | {tops} |")
+        lines.append("")
     if res.get("goals"):
         lines += ["**Goals:**", "", "| goal | value | target | met | note |", "|---|---:|---|:---:|---|"]
         for g in res["goals"]:
@@ -470,8 +552,7 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["kernels", "timing", "accuracy"],
-                    choices=["kernels", "timing", "accuracy"])
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
@@ -495,21 +576,35 @@ def main(argv: list[str] | None = None) -> dict:
     threads0 = torch.get_num_threads()
     res: dict[str, Any] = {"machine": {"flags": cpu_flags(), "load_start": load()},
                            "config": {k: v for k, v in vars(args).items()}, "gpu": NO_GPU}
-    previous: dict[str, Any] = {}
-    if args.merge and (RESULTS / "speed.json").is_file():
-        previous = json.loads((RESULTS / "speed.json").read_text())["data"]
-        # Each run's own settings and load averages stay with the part it measured.
-        res["runs"] = previous.get("runs", [{"config": previous["config"], "machine": previous["machine"]}])
-        for part in ("kernels", "timing", "accuracy"):
-            if part in previous:
-                res[part] = previous[part]
+    measured: dict[str, set] = {"timing": set(), "accuracy": set(), "profile": set()}
+    last: list[dict] = [res]
+
     def save(final: bool) -> None:
         # After every part, so that a long run that stops keeps what it measured (marked partial).
         res["machine"]["load_end"] = load()
         res["partial"] = not final
-        res["goals"] = goals(res)
+        out = res
+        if args.merge and (RESULTS / "speed.json").is_file():
+            # Read the file again now: another run may have saved since this one started. Only what this
+            # run measured replaces what is there; each run's settings and load averages stay with it.
+            previous = json.loads((RESULTS / "speed.json").read_text())["data"]
+            out = {**res, "runs": previous.get("runs", [{"config": previous["config"],
+                                                          "machine": previous["machine"]}])}
+            out["runs"] = [r for r in out["runs"] if r.get("config") != res["config"]] + \
+                [{"config": res["config"], "machine": res["machine"]}]
+            if "kernels" not in args.parts and "kernels" in previous:
+                out["kernels"] = previous["kernels"]
+            for part in measured:
+                merged = dict(previous.get(part, {}))
+                merged.update({k: v for k, v in res.get(part, {}).items() if k in measured[part]})
+                if merged:
+                    out[part] = merged
+        out["not_measured"] = not_measured(out)
+        out["partial"] = not final or bool(out["not_measured"])
+        out["goals"] = goals(out)
         if not args.no_write:
-            write_results("speed", res, table(res), command_line())
+            write_results("speed", out, table(out), command_line())
+        last[0] = out
 
     try:
         if "kernels" in args.parts:
@@ -522,22 +617,28 @@ def main(argv: list[str] | None = None) -> dict:
             for m in args.models:
                 for mode in args.modes:
                     for th in args.threads:
-                        res["timing"][f"{m}/{mode}/{th}"] = timing(setups[m], plans, th, mode, args.rounds,
-                                                                    args.warmup)
+                        key = f"{m}/{mode}/{th}"
+                        res["timing"][key] = timing(setups[m], plans, th, mode, args.rounds, args.warmup)
+                        measured["timing"].add(key)
                         save(False)
         if "accuracy" in args.parts:
             res["accuracy"] = dict(res.get("accuracy", {}))
             for m in args.models:
                 steps = args.gpt_steps if m == "gpt" else args.resnet_steps
                 res["accuracy"][m] = accuracy(setups[m], plans, args.seeds, steps, args.epoch_steps)
+                measured["accuracy"].add(m)
+                save(False)
+        if "profile" in args.parts:
+            res["profile"] = dict(res.get("profile", {}))
+            for m in args.models:
+                res["profile"][m] = profile_part(setups[m], plans, args.warmup)
+                measured["profile"].add(m)
                 save(False)
     finally:
         torch.set_num_threads(threads0)
-    if "runs" in res:
-        res["runs"].append({"config": res["config"], "machine": res["machine"]})
     save(True)
-    print(table(res))
-    return res
+    print(table(last[0]))
+    return last[0]
 
 
 if __name__ == "__main__":

@@ -473,9 +473,10 @@ class HardwareBackend(SimulatedBackend):
         strict_shapes: apply the CUDA shape rules of ``_scaled_mm`` / ``_int_mm`` per call
             (falling back to the same numbers in float32); ``None``: only on CUDA devices.
         codes: the code kernel of the ``int8`` route (:data:`~adaprec.quant.intcodes.CODE_KERNELS`):
-            ``"auto"`` (default) takes ``"bf16"`` on CPUs with AMX (where oneDNN's bf16 products beat
-            ``_int_mm``, measured) and ``"int_mm"`` elsewhere for Linear layers, and ``"bf16"`` for
-            convolutions where bf16 products with float32 results run (the CPU); ``"int_mm"``,
+            ``"auto"`` (default) takes ``"int_mm"`` for Linear layers wherever the int8 kernel runs
+            (measured on a CPU with AMX: ``_int_mm`` 2.3x faster than the ``"bf16"`` code kernel,
+            ``benchmarks/results/speed.md``), and ``"bf16"`` for convolutions where bf16 products with
+            float32 results run (the CPU; torch has no integer training convolution); ``"int_mm"``,
             ``"bf16"`` or ``"bf16-out"`` choose one (convolutions take ``"bf16"`` with ``"int_mm"``).
         input_grad: how the ``int8`` route computes the input gradient: ``"codes"`` (default; exact for
             per-tensor weight scales, the documented variant for per-channel ones) or ``"float32"``
@@ -524,6 +525,7 @@ class HardwareBackend(SimulatedBackend):
         self.conv_codes: str | None = None
         self._hw: dict[str, _HwLayer] = {}
         self._strict = False
+        self._bf16_units_lead = False
         self._signature = "sim"
         self._timer: _RouteTimer | None = None
 
@@ -535,6 +537,7 @@ class HardwareBackend(SimulatedBackend):
                                f"available there: {sorted(found)}")
         self.kernels = found if self.requested is None else self.requested
         self.codes, self.conv_codes = _choose_codes(self.codes_requested, self.kernels, device)
+        self._bf16_units_lead = device.type == "cpu" and _amx()
         self._strict = device.type == "cuda" if self.strict_shapes is None else self.strict_shapes
         names = super().attach(model, layers)
         for name, site in self.sites.items():
@@ -588,11 +591,13 @@ class HardwareBackend(SimulatedBackend):
         """The ladder :class:`~adaprec.policies.muppet.MuPPET` climbs on this backend by default, every
         level on a real kernel (docs/methods.md#hardware-ladder): fixed point ``fx8`` on the integer-code
         route, bf16 (autocast-style, errors rounded to nearest), FP32. ``fx8`` only leads where its codes
-        run on integer units faster than bf16 ones (code kernel ``"int_mm"``: GPUs, CPUs without AMX);
-        where they run on the bf16 units themselves (AMX), ``fx8`` is both slower and coarser than bf16
-        (measured: ``benchmarks/results/speed.md``), so the ladder starts at bf16."""
+        run on ``_int_mm`` and integer products beat plain bf16 ones (GPUs, CPUs without AMX). On CPUs
+        with AMX a plain bf16 product (the ``lowp`` route) is faster than ``_int_mm`` and needs no
+        quantization passes, so ``fx8`` would be both slower and coarser than bf16 (measured:
+        ``benchmarks/results/speed.md``), and the ladder starts at bf16."""
         bf16 = hardware_precision("bf16")
-        return ("fx8", bf16, "fp32") if self.codes == "int_mm" else (bf16, "fp32")
+        fx8_leads = self.codes == "int_mm" and not self._bf16_units_lead
+        return ("fx8", bf16, "fp32") if fx8_leads else (bf16, "fp32")
 
     def bind(self, ctl) -> None:
         """Called by the :class:`~adaprec.Controller` once attached: time its steps per route."""
@@ -609,8 +614,9 @@ def _choose_codes(requested: str, kernels: frozenset[str], device: torch.device
     bf16 = "bf16" in kernels
     acc = bf16 and bf16_accumulate_ok(device)
     if requested == "auto":
-        amx = device.type == "cpu" and _amx()
-        linear = "bf16" if acc and amx else "int_mm" if "int8" in kernels else "bf16" if acc else None
+        # _int_mm wherever it runs: even on AMX, where plain bf16 products are the fastest, the bf16
+        # *code* kernel (float32 code tensors in oneDNN's bf16 mode) measured 2.3x slower than _int_mm.
+        linear = "int_mm" if "int8" in kernels else "bf16" if acc else None
         return linear, "bf16" if acc else None
     if requested == "int_mm":
         if "int8" not in kernels:
