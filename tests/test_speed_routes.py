@@ -202,6 +202,32 @@ def test_bits_change_every_step_without_recompiles_on_the_code_route():
     assert len({h.summary() for h in ctl.history}) >= 7
 
 
+@needs_codes
+def test_inductor_compiles_the_convolution_code_route():
+    # Inductor, not aot_eager: the offset terms' per-tap window sums are opaque ops (traced, they made
+    # Inductor's code generation run for tens of minutes on a ResNet-20); their fake shapes must hold
+    # for padded and strided convolutions, and compiled and eager agree.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x, y = torch.randn(4, 2, 8, 8), torch.randint(0, 3, (4,))
+    with adaprec.Controller(model, policy=adaprec.policies.Fixed(bits=5, grad_bits=8), backend="hardware",
+                            classifier_floor=False) as ctl:
+        assert {r.kind for r, _ in ctl.backend.routes().values()} == {"int8"}
+        compiled = torch.compile(model)
+        out = compiled(x)
+        F.cross_entropy(out, y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = model(x)
+        F.cross_entropy(ref, y).backward()
+        assert torch.allclose(out, ref, rtol=0, atol=1e-5)
+        # the errors are stochastically rounded (different draws): compare directions, not values
+        for g, r in zip(grads, [p.grad for p in model.parameters()]):
+            assert F.cosine_similarity(g.flatten(), r.flatten(), dim=0) > 0.9
+
+
 def _gpt(vocab):
     from adaprec.tasks.gptlm import GPT
 

@@ -419,19 +419,17 @@ def _chan_total(t: Tensor) -> Tensor:
     return torch.mv(m.t(), m.new_ones(m.shape[0]))
 
 
-def _box(t: Tensor, k: tuple, geo: tuple) -> Tensor:
+def _box_impl(t: Tensor, k: list[int], stride: list[int], padding: list[int],
+              dilation: list[int]) -> Tensor:
     """``sum_d t[b, 0, p*s + d*dil - pad]`` over the taps of each output window, the input's zero
     padding counting nothing: a one-channel convolution with an all-ones kernel, computed as one
     strided slice-add per tap (exact integer sums; ~10x cheaper than a 1-channel convolution here)."""
-    stride, padding, dilation = geo
-    nd = len(k)
     tp = F.pad(t, [p for pad in reversed(padding) for p in (pad, pad)])
-    out_sizes = [(t.shape[2 + i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1
-                 for i in range(nd)]
+    out_sizes = list(_box_sizes(t, k, stride, padding, dilation))
     out = None
     for taps in _taps(k):
         idx = (slice(None), slice(None)) + _window(taps, dilation, out_sizes, stride)
-        out = tp[idx].clone() if out is None else out.add_(tp[idx])
+        out = tp[idx].clone(memory_format=torch.contiguous_format) if out is None else out.add_(tp[idx])
     return out
 
 
@@ -441,16 +439,45 @@ def _window(taps: tuple, dilation: list, sizes: list, stride: list) -> tuple[sli
                  for d, dl, n, st in zip(taps, dilation, sizes, stride))
 
 
-def _box_t(t: Tensor, k: tuple, geo: tuple, spatial_in: tuple) -> Tensor:
+def _box_t_impl(t: Tensor, k: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                spatial_in: list[int]) -> Tensor:
     """The transpose of :func:`_box`: ``sum_d t[b, 0, p]`` over the outputs ``p`` whose window holds
     input position ``q`` (``q = p*s + d*dil - pad``), as a (B, 1, *spatial_in) tensor."""
-    stride, padding, dilation = geo
     nd = len(k)
     full = t.new_zeros(t.shape[:2] + tuple(spatial_in[i] + 2 * padding[i] + stride[i] for i in range(nd)))
     for taps in _taps(k):
         full[(slice(None), slice(None)) + _window(taps, dilation, list(t.shape[2:]), stride)] += t
     crop = [slice(None), slice(None)] + [slice(padding[i], padding[i] + spatial_in[i]) for i in range(nd)]
-    return full[tuple(crop)]
+    return full[tuple(crop)].contiguous()
+
+
+def _box_sizes(t: Tensor, k: list[int], stride: list[int], padding: list[int],
+               dilation: list[int]) -> tuple[int, ...]:
+    return tuple((t.shape[2 + i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1
+                 for i in range(len(k)))
+
+
+# Opaque ops under torch.compile: traced, the per-tap slice-adds of a padded tensor become nested masked
+# loads that Inductor's C++ code generation expands without end (a compiled ResNet-20 on the code route
+# had not finished compiling after 25 minutes); called as they are, they cost what they cost eager.
+_box_op = torch.library.custom_op("adaprec::box_sum", _box_impl, mutates_args=())
+_box_op.register_fake(lambda t, k, stride, padding, dilation:
+                      t.new_empty(tuple(t.shape[:2]) + _box_sizes(t, k, stride, padding, dilation)))
+_box_t_op = torch.library.custom_op("adaprec::box_sum_t", _box_t_impl, mutates_args=())
+_box_t_op.register_fake(lambda t, k, stride, padding, dilation, spatial_in:
+                        t.new_empty(tuple(t.shape[:2]) + tuple(spatial_in)))
+
+
+def _box(t: Tensor, k: tuple, geo: tuple) -> Tensor:
+    """``sum_d t[b, 0, p*s + d*dil - pad]`` over the taps of each output window (:func:`_box_impl`)."""
+    stride, padding, dilation = geo
+    return _box_op(t, list(k), list(stride), list(padding), list(dilation))
+
+
+def _box_t(t: Tensor, k: tuple, geo: tuple, spatial_in: tuple) -> Tensor:
+    """The transpose of :func:`_box` (:func:`_box_t_impl`), as a (B, 1, *spatial_in) tensor."""
+    stride, padding, dilation = geo
+    return _box_t_op(t, list(k), list(stride), list(padding), list(dilation), list(spatial_in))
 
 
 def _taps(k: tuple) -> list[tuple[int, ...]]:
