@@ -34,8 +34,7 @@ def test_every_readme_figure_matches_its_result_file() -> None:
 def test_the_readme_sources_its_measured_figures() -> None:
     markers = rf.find_markers((REPO / "README.md").read_text())
     sources = {m.spec.split(":", 1)[0] for m in markers}
-    assert {"main_job", "import_time", "cpt", "kahan", "muppet", "tune", "soak", "overhead-eager",
-            "overhead-compiled"} <= sources
+    assert {"main_job", "import_time", "cpt", "kahan", "muppet", "tune", "soak", "overhead"} <= sources
     assert len(markers) >= 60
     # Every result file a marker names exists and was written by a benchmark (it records its command).
     for source in sources:
