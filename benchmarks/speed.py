@@ -81,6 +81,7 @@ from adaprec.policies import Policy, make_policy  # noqa: E402
 from adaprec.policies.muppet import MuPPET, level_precision  # noqa: E402
 from adaprec.quant.hardware import HardwareBackend  # noqa: E402
 from adaprec.quant.intcodes import codes_conv, codes_matmul  # noqa: E402
+from adaprec.tasks.run import make_lr_schedule  # noqa: E402
 
 PLANS = ("fp32", "autocast", "int8", "cpt", "muppet")
 PARTS = ("kernels", "timing", "accuracy", "profile")
@@ -275,13 +276,6 @@ def make_plan(plan: str, model: nn.Module, opt: torch.optim.Optimizer, total: in
     return adaprec.Controller(model, policy=policy, optimizer=opt, backend="hardware", total_steps=total)
 
 
-def _warmup_cosine(total: int):
-    """The learning-rate factor of step ``t``: linear warm-up over the first 10%, then cosine to zero."""
-    warm = max(1, total // 10)
-    return lambda t: (t + 1) / warm if t < warm else \
-        0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
-
-
 def _route(plan: str, ctl: Any) -> str:
     return plan if ctl is None else ctl.backend.route_signature()
 
@@ -302,7 +296,7 @@ class Runner:
         # Accuracy runs: a short linear warm-up, then cosine decay to zero over the run. Without it the
         # short runs end at full learning rate and their validation loss is mostly noise (ResNet-20 at
         # a constant 0.05: FP32 itself 0.94 +- 0.17 over 3 seeds, the other plans up to +- 2.6).
-        self.sched = None if timing else torch.optim.lr_scheduler.LambdaLR(self.opt, _warmup_cosine(total))
+        self.sched = None if timing else make_lr_schedule("warmup_cosine", self.opt, total)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         route = _route(self.plan, self.ctl)
@@ -596,7 +590,6 @@ def main(argv: list[str] | None = None) -> dict:
     def save(final: bool) -> None:
         # After every part, so that a long run that stops keeps what it measured (marked partial).
         res["machine"]["load_end"] = load()
-        res["partial"] = not final
         out = res
         if args.merge and (RESULTS / "speed.json").is_file():
             # Read the file again now: another run may have saved since this one started. Only what this
