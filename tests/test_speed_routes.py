@@ -150,6 +150,49 @@ def test_fused_code_kernels_are_bit_identical_to_the_op_by_op_chain():
                               if not fmt.stochastic else out[0].float() * out[1] + out[2], atol=1e-6)
 
 
+@needs_codes
+@pytest.mark.parametrize("family", ["cpt", "fixed"])
+def test_large_layers_on_fused_epilogues_and_integer_code_sums_match_simulation(family):
+    """Above FUSE_MIN the int_mm route converts its int32 sums inside the fused epilogue and takes code
+    sums as products with ones: still the simulated numbers, and the same with fusion switched off."""
+    torch.manual_seed(0)
+    lin, x = nn.Linear(160, 256), torch.randn(2, 128, 160)
+    assert 256 * 256 >= codes.FUSE_MIN and 256 * 160 >= codes.FUSE_MIN
+    prec = Precision.cpt(4, 8) if family == "cpt" else Precision.fixed_point(6)
+    (y, dx, dw, db), _ = _run(HardwareBackend(codes="int_mm"), prec, lin, x)
+    (ys, dxs, dws, dbs), _ = _run(SimulatedBackend(), prec, lin, x)
+    assert _rel(y, ys) <= EXACT and _rel(dw, dws) <= EXACT and _rel(db, dbs) <= EXACT
+    if family == "fixed":
+        assert _rel(dx, dxs) <= EXACT
+    codes.set_fused(False)
+    try:
+        (y0, dx0, dw0, db0), _ = _run(HardwareBackend(codes="int_mm"), prec, lin, x)
+    finally:
+        codes.set_fused(True)
+    for a, b in ((y, y0), (dx, dx0), (dw, dw0), (db, db0)):
+        assert _rel(a, b) <= EXACT
+
+
+def test_integer_code_sums_and_int32_epilogue_are_exact():
+    from adaprec.quant.intcodes import _code_sum
+
+    torch.manual_seed(0)
+    q = torch.randint(-128, 128, (300, 200), dtype=torch.int8)
+    assert q.numel() >= codes.FUSE_MIN
+    for dim in (0, 1):
+        for keep in (False, True):
+            assert torch.equal(_code_sum(q, dim, keep), q.sum(dim, keepdim=keep, dtype=torch.float32))
+    acc = torch.randint(-2**20, 2**20, (300, 200), dtype=torch.int32)
+    scale, add = torch.rand(1, 200), torch.rand(1, 200)
+    col, colw = torch.rand(300, 1), torch.tensor(0.3)
+    out = codes.scale_add_(acc, scale, add, col, colw)
+    assert out.dtype == torch.float32 and acc.dtype == torch.int32
+    assert torch.allclose(out, acc.float() * scale + col * colw + add, rtol=1e-6)
+    w = torch.rand(1, 200)
+    assert _rel(codes.weighted_row_sum(q, w), (q.float() * w).sum(1, keepdim=True)) <= EXACT
+    assert codes.fused_enabled(), "a compiled kernel failed"
+
+
 def test_encode_reproduces_the_simulated_format():
     torch.manual_seed(0)
     for fmt in (IntFormat(3, per_channel=True), IntFormat(7), FixedPoint(5, "nearest")):

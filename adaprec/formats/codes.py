@@ -38,7 +38,7 @@ from torch import Tensor
 from .rounding import round_with
 
 __all__ = ["affine_codes", "fixed_point_codes", "set_fused", "fused_enabled", "FUSE_MIN", "tensor_range",
-           "scale_add_"]
+           "scale_add_", "weighted_row_sum"]
 
 #: Tensors with fewer elements run op by op (a compiled call's fixed cost is larger than the saving).
 FUSE_MIN = 1 << 15
@@ -169,26 +169,52 @@ def fixed_point_codes(x: Tensor, up: Tensor, half: Tensor, noise: Tensor | None,
 
 def _scale_add(acc: Tensor, scale: Tensor, add: Tensor | None, col: Tensor | None,
                colw: Tensor | None) -> Tensor:
-    acc = acc.mul_(scale)
+    # An integer accumulator (torch._int_mm's int32) becomes float32 here, in the same pass when fused.
+    acc = acc.mul_(scale) if acc.dtype == torch.float32 else acc.to(torch.float32).mul_(scale)
     if col is not None:
         acc = acc.addcmul_(col, colw)
     return acc if add is None else acc.add_(add)
 
 
-def scale_add_(acc: Tensor, scale: Tensor, add: Tensor | None = None, col: Tensor | None = None,
-               colw: Tensor | None = None) -> Tensor:
-    """``acc * scale + col * colw + add`` in place in ``acc`` (the other tensors broadcast against it):
-    the epilogue of an integer-code product, one pass over memory when fused (``FUSE_MIN`` and the
-    switches of the module docstring apply)."""
-    if (not _STATE["enabled"] or acc.device.type != "cpu" or acc.numel() < FUSE_MIN
-            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()):
-        return _scale_add(acc, scale, add, col, colw)
-    key = ("scale_add", acc.dim(), add is None, col is None)
+def _weighted_row_sum(q: Tensor, w: Tensor) -> Tensor:
+    return (q.to(torch.float32) * w).sum(1, keepdim=True)
+
+
+def _fuse_ok(t: Tensor) -> bool:
+    return (_STATE["enabled"] and t.device.type == "cpu" and t.numel() >= FUSE_MIN
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack())
+
+
+def _fused(fn: Callable[..., Tensor], key: tuple, *args: Tensor | None) -> Tensor:
     try:
-        _kernel(functools.partial(_scale_add), key)(acc, scale, add, col, colw)
+        return _kernel(functools.partial(fn), key)(*args)
     except Exception as exc:  # noqa: BLE001 - as in _run
         _STATE["enabled"] = False
         warnings.warn(f"adaprec: compiling the fused code kernels failed ({type(exc).__name__}: {exc}); "
-                      "they run op by op from now on (same numbers, slower)", stacklevel=2)
+                      "they run op by op from now on (same numbers, slower)", stacklevel=3)
+        return fn(*args)
+
+
+def scale_add_(acc: Tensor, scale: Tensor, add: Tensor | None = None, col: Tensor | None = None,
+               colw: Tensor | None = None) -> Tensor:
+    """``acc * scale + col * colw + add`` (the other tensors broadcast against ``acc``): the epilogue of an
+    integer-code product, one pass over memory when fused (``FUSE_MIN`` and the switches of the module
+    docstring apply). In place in a float32 ``acc``; an integer ``acc`` (``torch._int_mm``'s int32 sums)
+    is converted to float32 in that same pass, into a new tensor."""
+    if not _fuse_ok(acc):
         return _scale_add(acc, scale, add, col, colw)
-    return acc
+    # Ranks and dtypes in the key: each variant compiles once (sizes stay dynamic inside one).
+    key = ("scale_add", acc.dim(), acc.dtype, scale.dim(), None if add is None else add.dim(), col is None)
+    out = _fused(_scale_add, key, acc, scale, add, col, colw)
+    # A float32 acc is updated in place (the compiled graph writes into its input); an integer one
+    # cannot hold the result, which comes back as a new tensor.
+    return acc if acc.dtype == torch.float32 else out
+
+
+def weighted_row_sum(q: Tensor, w: Tensor) -> Tensor:
+    """``sum_n q[m, n] * w[n]`` as an (M, 1) float32 tensor, for a 2-d code tensor ``q`` of any dtype and
+    a (1, N) float32 ``w``: one pass over the codes when fused (a float32 copy of int8 codes costs
+    more than the sum)."""
+    if not _fuse_ok(q) or q.dim() != 2:
+        return _weighted_row_sum(q, w)
+    return _fused(_weighted_row_sum, ("weighted_row_sum", q.dtype), q, w)

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats.codes import scale_add_
+from ..formats.codes import FUSE_MIN, scale_add_, weighted_row_sum
 from ..formats.rounding import draw_noise
 
 __all__ = ["CODE_KERNELS", "bf16_accumulate_ok", "codes_matmul", "codes_conv", "CodesLinear", "CodesConv",
@@ -174,8 +174,10 @@ def _int_ok(m: int, k: int, n: int, strict: bool) -> bool:
     return not strict or (m > 16 and k % 8 == 0 and n % 8 == 0)
 
 
-def codes_matmul(a: Tensor, b: Tensor, via: str, strict: bool = False) -> Tensor:
-    """``a @ b`` for code tensors (``a`` (M, K), ``b`` (K, N)) as float32 on the code kernel ``via``.
+def codes_matmul(a: Tensor, b: Tensor, via: str, strict: bool = False, raw: bool = False) -> Tensor:
+    """``a @ b`` for code tensors (``a`` (M, K), ``b`` (K, N)) as float32 on the code kernel ``via``
+    (``raw=True``: ``int_mm``'s int32 sums as they are, for :func:`~adaprec.formats.codes.scale_add_` to
+    convert in its pass).
 
     Example:
         >>> a = torch.randint(-128, 128, (4, 8)).float(); b = torch.randint(-128, 128, (8, 3)).float()
@@ -184,7 +186,8 @@ def codes_matmul(a: Tensor, b: Tensor, via: str, strict: bool = False) -> Tensor
     """
     if via == "int_mm":
         if _int_ok(a.shape[0], a.shape[1], b.shape[1], strict):
-            return torch._int_mm(a, b).float()
+            acc = torch._int_mm(a, b)
+            return acc if raw else acc.float()
         return a.float() @ b.float()
     if via == "bf16":
         return _mm_bf16(a, b)
@@ -208,6 +211,14 @@ def _row(t: Tensor) -> Tensor:
 
 
 def _code_sum(q: Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """Sums of codes along ``dim`` as float32 (exact: integers far below 2^24)."""
+    if (q.dtype == torch.int8 and q.dim() == 2 and dim in (0, 1) and q.device.type == "cpu"
+            and q.numel() >= FUSE_MIN and not torch.compiler.is_compiling()):
+        # Row and column sums of int8 codes as a product with a column of ones on the integer kernel:
+        # exact int32 sums, 5-8x faster than torch.sum with a float32 result (measured, 2048 x 2048).
+        a = q if dim == 1 else q.t()
+        s = torch._int_mm(a, q.new_ones(a.shape[1], 8))[:, 0].float()
+        return s.unsqueeze(dim) if keepdim else s
     return q.sum(dim, keepdim=keepdim, dtype=torch.float32)
 
 
@@ -262,7 +273,7 @@ class CodesLinear(torch.autograd.Function):
         k = qx.shape[1]
         x_off, w_off = not aq.fmt.offset_free, not wq.fmt.offset_free
         sw_r, ow_r = _row(sw), _row(ow)
-        acc = codes_matmul(qx, qw.t(), via, strict)
+        acc = codes_matmul(qx, qw.t(), via, strict, raw=True)
         add = None if b is None else b.detach()
         col = colw = None
         if x_off or w_off:
@@ -299,10 +310,12 @@ class CodesLinear(torch.autograd.Function):
         rg = _code_sum(qg, 0) if (need_w and (ctx.x_off or g_off)) or need_b else None   # (N,)
         if need_w:
             # dW = sg sx Qg^T Qx + sg ox colsum(Qg)[n] + og sx colsum(Qx)[k] + M og ox
-            gw = codes_matmul(qg.t(), qx, ctx.via, ctx.strict).mul_(sg * sx)
+            acc = codes_matmul(qg.t(), qx, ctx.via, ctx.strict, raw=True)
             if ctx.x_off or g_off:
-                gw = gw.addcmul_(rg.reshape(-1, 1), sg * ox)
-                gw = gw.add_(og * sx * _code_sum(qx, 0).reshape(1, -1) + m * og * ox)
+                gw = scale_add_(acc, sg * sx, og * sx * _code_sum(qx, 0).reshape(1, -1) + m * og * ox,
+                                rg.reshape(-1, 1), sg * ox)
+            else:
+                gw = scale_add_(acc, sg * sx)
         if need_x:
             gx = _linear_input_grad(ctx, g, qg, sg, og, noise, qw, sw, ow, g_off)
         if need_b:
@@ -317,20 +330,24 @@ def _linear_input_grad(ctx, g, qg, sg, og, noise, qw, sw, ow, g_off: bool) -> Te
         return (qg.float() * sg + og) @ (qw.float() * sw + ow)
     if sw.dim() == 0:  # a per-tensor weight scale: an exact integer product
         # dX = sg sw Qg Qw + sg ow rowsum(Qg)[m] + og sw colsum(Qw)[k] + N og ow
-        gx = codes_matmul(qg, qw, via, ctx.strict).mul_(sg * sw)
+        acc = codes_matmul(qg, qw, via, ctx.strict, raw=True)
         if ctx.w_off or g_off:
-            gx = gx.addcmul_(_code_sum(qg, 1, keepdim=True), sg * ow)
-            gx = gx.add_(og * sw * _code_sum(qw, 0).reshape(1, -1) + n * og * ow)
-        return gx
+            return scale_add_(acc, sg * sw, og * sw * _code_sum(qw, 0).reshape(1, -1) + n * og * ow,
+                              _code_sum(qg, 1, keepdim=True), sg * ow)
+        return scale_add_(acc, sg * sw)
     # Per-channel weight scales run along this product's sum (docs/methods.md#hardware-integer-codes).
     if via == "int_mm":
         # Integer kernels: quantize the error with each channel's weight scale folded in (with the noise
         # of the error's own rounding), then multiply codes: dX ~ sh Qh Qw + oh colsum(Qw)[k].
         qh, sh, oh = ctx.gfmt.encode(g * _row(sw), ctx.gp, rng=ctx.grng, centered=False, noise=noise,
                                      dtype=torch.int8)
-        gx = codes_matmul(qh, qw, via, ctx.strict).mul_(sh)
-        if not ctx.gfmt.offset_free:
-            gx = gx.add_(oh * _code_sum(qw, 0).reshape(1, -1))
+        acc = codes_matmul(qh, qw, via, ctx.strict, raw=True)
+        add = oh * _code_sum(qw, 0).reshape(1, -1) if not ctx.gfmt.offset_free else None
+        if ctx.w_off:  # the correction term below, in the same pass
+            ow_r = ow.reshape(1, -1)
+            add = og * ow_r.sum() + (0.0 if add is None else add)
+            return scale_add_(acc, sh, add, weighted_row_sum(qg, ow_r), sg)
+        return scale_add_(acc, sh, add)
     else:
         # bf16 kernels: the error's codes are exact, the scaled weight codes sw[n] Qw[n, k] are rounded
         # to bf16 (8 significant bits) by the kernel: dX = sg Qg Ws + og colsum(Ws)[k], Ws = sw * Qw.
@@ -341,7 +358,7 @@ def _linear_input_grad(ctx, g, qg, sg, og, noise, qw, sw, ow, g_off: bool) -> Te
     if ctx.w_off:  # + sum_n G_q[m, n] ow[n], with the quantized error itself
         # An O(M N) correction term like the code sums (a weighted row sum, not a product of the layer).
         ow_r = ow.reshape(1, -1)
-        gx = gx.add_((qg.float() * ow_r).sum(1, keepdim=True).mul_(sg).add_(og * ow_r.sum()))
+        gx = gx.add_(weighted_row_sum(qg, ow_r).mul_(sg).add_(og * ow_r.sum()))
     return gx
 
 
