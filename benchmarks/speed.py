@@ -149,11 +149,39 @@ def kernels(rounds: int) -> dict[str, Any]:
                            "bf16_channels_last": lambda: F.conv2d(xb, wb, padding=1),
                            "codes_bf16": lambda: codes_conv(qx, qw, ([1, 1], [1, 1], [1, 1]), "bf16")},
                           rounds)
+        packed = _onednn_int8(ia, ib, rounds)
     finally:
         torch.set_num_threads(n)
-    return {"matmul_1024": mm, "conv_128x16x32x32_3x3": conv,
+    return {"matmul_1024": mm, "conv_128x16x32x32_3x3": conv, "int8_prepacked_1024": packed,
             "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _onednn_int8(ia: torch.Tensor, ib: torch.Tensor, rounds: int) -> dict[str, Any] | None:
+    """oneDNN's int8 linear, the inference path of torch's x86 quantization (AMX int8 where the CPU has
+    it), on the same 1024³ product: the product with the weight packed ahead, and the packing itself.
+    Training changes the weights every step, so a training step would pay both. ``None`` where torch
+    has no such op."""
+    ops = torch.ops.onednn
+    if not (hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise")):
+        return None
+    try:
+        au = (ia.to(torch.int16) + 128).to(torch.uint8)  # its activations are uint8 with a zero point
+        wt = ib.t().contiguous()
+        packed = ops.qlinear_prepack(wt, None)
+        n = wt.shape[0]
+        ws, wz = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+
+        def run() -> torch.Tensor:
+            return ops.qlinear_pointwise(au, 1.0, 128, packed, ws, wz, None, 1.0, 0, torch.float32, "none",
+                                         [], "")
+
+        exact = torch.equal(run(), ia.float() @ ib.float())  # sums below 2^24: float32 holds them exactly
+        out = _alternate({"product_prepacked": run, "prepack_weight": lambda: ops.qlinear_prepack(wt, None)},
+                         rounds)
+        return {**out, "exact": exact}
+    except Exception as exc:  # noqa: BLE001 - an op whose signature moved: report, do not fail the run
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 # --- models and data ---------------------------------------------------------------------------------
@@ -515,6 +543,12 @@ def table(res: dict) -> str:
                   "", "| convolution 128×16×32×32, 3×3 | " + " | ".join(k["conv_128x16x32x32_3x3"]) + " |",
                   "|---|" + "---:|" * len(k["conv_128x16x32x32_3x3"]),
                   "| forward | " + _row(k["conv_128x16x32x32_3x3"]), ""]
+        q = k.get("int8_prepacked_1024") or {}
+        if "product_prepacked" in q:
+            lines += [f"oneDNN's int8 linear (torch's x86 inference path) on the same product: "
+                      f"{q['product_prepacked']['cpu_ms']:.1f} ms with the weight packed ahead, but packing "
+                      f"it takes {q['prepack_weight']['cpu_ms']:.1f} ms, and training changes the weights "
+                      f"every step (exact: {q['exact']}).", ""]
     if res.get("timing"):
         lines += ["**Step times** (median ms per step, process CPU time; ×: speed-up over FP32; routes: "
                   "median per route in force):", "",

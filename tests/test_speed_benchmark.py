@@ -62,3 +62,19 @@ def test_merge_keeps_what_another_run_saved_meanwhile(speed, tmp_path):
     assert saved["partial"] and "profile gpt" in saved["not_measured"]
     assert len(saved["runs"]) == 2 and out["profile"] == saved["profile"]
     assert "**Profile, resnet**" in (tmp_path / "speed.md").read_text()
+
+
+def test_onednn_int8_figure_is_exact_and_in_the_table(speed):
+    import torch
+
+    ia = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
+    ib = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
+    q = speed._onednn_int8(ia, ib, rounds=1)
+    if q is None or "error" in q:
+        pytest.skip(f"oneDNN's int8 linear does not run here: {q}")
+    assert q["exact"] is True and q["product_prepacked"]["cpu_ms"] > 0 and q["prepack_weight"]["cpu_ms"] > 0
+    res = {"machine": {"flags": [], "load_start": [], "load_end": []},
+           "kernels": {"matmul_1024": {"fp32": {"cpu_ms": 1.0, "wall_ms": 1.0}},
+                       "conv_128x16x32x32_3x3": {"fp32": {"cpu_ms": 1.0, "wall_ms": 1.0}},
+                       "int8_prepacked_1024": q}}
+    assert "packing it takes" in speed.table(res)
