@@ -29,6 +29,13 @@ __all__ = ["RESULTS_DIR", "machine_info", "write_results", "median", "mean_std",
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+#: Operators that are a model's products (matmuls, convolutions, their gradients): the "products"
+#: category of the benchmarks' profiles.
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::mv",
+               "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+               "aten::mkldnn_linear")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from common import median, write_results  # noqa: E402
+from common import PRODUCT_OPS, median, write_results  # noqa: E402
 
 import adaprec  # noqa: E402
 
@@ -156,8 +156,10 @@ class _Runner:
         return time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure(mode: str, configs: list[Config], rounds: int, warmup: int, clock: str) -> dict[str, dict]:
-    """Median step times of ``configs`` in ``mode``; ratios to plain use ``clock`` ("cpu" or "wall")."""
+def measure(mode: str, configs: list[Config], rounds: int, warmup: int, clock: str,
+            profile: bool = False) -> dict[str, dict]:
+    """Median step times of ``configs`` in ``mode``; ratios to plain use ``clock`` ("cpu" or "wall").
+    ``profile``: afterwards, one more step per configuration under ``torch.profiler`` (:func:`_profile`)."""
     torch.manual_seed(0)
     base = build_model()
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
@@ -174,6 +176,7 @@ def measure(mode: str, configs: list[Config], rounds: int, warmup: int, clock: s
             # Rotate the order every round so that no configuration always runs first or last.
             for r in runners[i % len(runners):] + runners[:i % len(runners)]:
                 times[r.cfg.name].append(r.step(x, y))
+        profiles = {r.cfg.name: _profile(r, x, y) for r in runners} if profile else {}
     k = 1 if clock == "cpu" else 0
     plain = median([t[k] for t in times["plain"]])
     plain_other = median([t[1 - k] for t in times["plain"]])
@@ -189,11 +192,46 @@ def measure(mode: str, configs: list[Config], rounds: int, warmup: int, clock: s
                        f"ratio_{'wall' if k else 'cpu'}": other / plain_other,
                        "wall_s": [t[0] for t in times[c.name]], "cpu_s": [t[1] for t in times[c.name]],
                        "note": c.note}
+        if c.name in profiles:
+            out[c.name]["profile"] = profiles[c.name]
         print(f"[{mode}] {c.name:16s} median {med * 1e3:8.1f} ms ({clock})  x{ratio:.3f}"
               f"  [{'wall' if k else 'cpu'}: x{other / plain_other:.3f}]"
               + ("" if target is None else f"  (target <= {target}: {'ok' if ratio <= target else 'MISS'})"),
               flush=True)
     return out
+
+
+#: Profile categories (self CPU time): the products, the stochastic-rounding noise draws, Inductor's
+#: generated code (it runs inside the compiled graph's call, so that call's self time is its loops),
+#: and everything else (eager elementwise work, batch norm, the optimizer).
+_PROFILE_CATEGORIES = ("products", "noise", "compiled_loops", "other")
+
+
+def _profile_category(name: str) -> str:
+    if name in PRODUCT_OPS:
+        return "products"
+    if name == "aten::random_":
+        return "noise"
+    if name.startswith("## Call CompiledFxGraph"):
+        return "compiled_loops"
+    return "other"
+
+
+def _profile(runner: _Runner, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Self CPU time (ms) of one profiled step, by :data:`_PROFILE_CATEGORIES`, and its top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.step(x, y)
+    cats = dict.fromkeys(_PROFILE_CATEGORIES, 0.0)
+    top = []
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1e3
+        cats[_profile_category(e.key)] += ms
+        top.append((ms, e.key))
+    top.sort(reverse=True)
+    return {**{f"{k}_ms": v for k, v in cats.items()}, "total_ms": sum(cats.values()),
+            "top": [{"op": k[:60], "self_ms": ms} for ms, k in top[:6]]}
 
 
 def _table(results: dict[str, dict[str, dict]], clock: str) -> str:
@@ -211,7 +249,16 @@ def _table(results: dict[str, dict[str, dict]], clock: str) -> str:
     why = (f"Ratios use the median {clock} time per step. Process CPU time is the default because the "
            "benchmark machine may be shared: other jobs inflate wall-clock times unevenly, but hardly "
            "the CPU time this single-threaded process spends.")
-    return "\n".join(rows + [""] + notes + ["", why])
+    prof = [f"| {mode} | {name} | {p['total_ms']:.0f} | "
+            + " | ".join(f"{p[f'{k}_ms']:.0f}" for k in _PROFILE_CATEGORIES) + " |"
+            for mode, res in results.items() for name, r in res.items() if (p := r.get("profile"))]
+    if prof:
+        prof = ["", "**Profile** (one step per configuration after the timed rounds, self CPU time under "
+                "`torch.profiler`, ms; *compiled loops*: Inductor's generated code, which runs inside the "
+                "compiled graph's call; *noise*: the stochastic-rounding draws, `aten::random_`):", "",
+                "| mode | configuration | total | products | noise | compiled loops | other |",
+                "|---|---|---:|---:|---:|---:|---:|"] + prof
+    return "\n".join(rows + prof + [""] + notes + ["", why])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,13 +271,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for all runs)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="time the ratios use: process CPU time (robust on a shared machine) or wall clock")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one step per configuration (where the time goes; in the results)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results/")
     args = ap.parse_args(argv)
     if "plain" not in args.configs:
         args.configs.insert(0, "plain")
     torch.set_num_threads(args.threads)
     configs = [c for c in CONFIGS if c.name in args.configs]
-    results = {mode: measure(mode, configs, args.rounds, args.warmup, args.clock) for mode in args.modes}
+    results = {mode: measure(mode, configs, args.rounds, args.warmup, args.clock, args.profile)
+               for mode in args.modes}
     data = {"batch": BATCH, "model": "resnet20 (adaprec.tasks.cifar)" if resnet20 else "resnet20 (fallback)",
             "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock,
             "results": results}

@@ -72,8 +72,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
+from common import PRODUCT_OPS, command_line, median, write_results  # noqa: E402
 from common import RESULTS_DIR as RESULTS  # noqa: E402
-from common import command_line, median, write_results  # noqa: E402
 
 import adaprec  # noqa: E402
 from adaprec.decision import Decision  # noqa: E402
@@ -379,16 +379,10 @@ def timing(setup: Setup, plans: list[str], threads: int, mode: str, rounds: int,
 
 # --- part 4: profile ---------------------------------------------------------------------------------
 
-#: Self-CPU categories of the profile part, by operator name (first match wins).
-_PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::mv",
-                "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
-                "aten::mkldnn_linear")
-
-
 def _category(name: str) -> str:
     if "scaled_dot_product" in name:
         return "attention"
-    if name in _PRODUCT_OPS:
+    if name in PRODUCT_OPS:
         return "products"
     return "other"
 
