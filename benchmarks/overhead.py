@@ -234,7 +234,27 @@ def _profile(runner: _Runner, x: torch.Tensor, y: torch.Tensor) -> dict:
             "top": [{"op": k[:60], "self_ms": ms} for ms, k in top[:6]]}
 
 
-def _table(results: dict[str, dict[str, dict]], clock: str) -> str:
+def bool_store_check(rounds: int = 9) -> dict[str, float]:
+    """Inductor's generated CPU code storing a bool tensor (``x <= 0``, as a ReLU's mask is saved for its
+    backward) against eager PyTorch, on an activation-sized tensor; ``relu_aminmax`` (a float result and
+    a reduction, no bool) for scale. Quantized activations make torch.compile's partitioner save ReLU
+    masks as bool tensors where plain training saves nothing extra, so this is a cost of the
+    compiled quantized step that plain compiled training does not pay."""
+    x = torch.randn(BATCH, 16, 32, 32)
+    fns = {"eager_mask": lambda: x <= 0, "compiled_mask": torch.compile(lambda t: t <= 0),
+           "compiled_relu_aminmax": torch.compile(lambda t: (torch.relu(t), torch.aminmax(t)))}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(2):
+        fns["eager_mask"](), fns["compiled_mask"](x), fns["compiled_relu_aminmax"](x)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            c0 = time.process_time()
+            f() if k == "eager_mask" else f(x)
+            cpu[k].append(time.process_time() - c0)
+    return {"elements": x.numel(), **{f"{k}_ms": 1e3 * median(v) for k, v in cpu.items()}}
+
+
+def _table(results: dict[str, dict[str, dict]], clock: str, bool_store: dict | None = None) -> str:
     other = "wall" if clock == "cpu" else "cpu"
     rows = [f"| mode | configuration | median step, {clock} (ms) | ratio to plain | target | met "
             f"| ratio by {other} time |", "|---|---|---:|---:|---:|:---:|---:|"]
@@ -258,7 +278,15 @@ def _table(results: dict[str, dict[str, dict]], clock: str) -> str:
                 "compiled graph's call; *noise*: the stochastic-rounding draws, `aten::random_`):", "",
                 "| mode | configuration | total | products | noise | compiled loops | other |",
                 "|---|---|---:|---:|---:|---:|---:|"] + prof
-    return "\n".join(rows + prof + [""] + notes + ["", why])
+    return "\n".join(rows + prof + [""] + notes + ["", why] + _bool_lines(bool_store))
+
+
+def _bool_lines(b: dict | None) -> list[str]:
+    if not b:
+        return []
+    return ["", f"**Bool stores under torch.compile** ({b['elements']:,} elements, median ms): "
+            f"`x <= 0` eager {b['eager_mask_ms']:.1f}, compiled {b['compiled_mask_ms']:.1f}; "
+            f"a compiled ReLU + min/max of the same tensor {b['compiled_relu_aminmax_ms']:.1f}."]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -284,9 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"batch": BATCH, "model": "resnet20 (adaprec.tasks.cifar)" if resnet20 else "resnet20 (fallback)",
             "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock,
             "results": results}
+    if args.profile and "compiled" in args.modes:
+        data["inductor_bool_store"] = bool_store_check()
     if not args.no_write:
         cmd = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results("overhead", data, _table(results, args.clock), cmd.strip())
+        write_results("overhead", data, _table(results, args.clock, data.get("inductor_bool_store")),
+                      cmd.strip())
     return data
 
 

@@ -41,3 +41,9 @@ def test_profiled_run_records_categories_and_renders_them(overhead):
     assert res["fixed8"]["profile"]["noise_ms"] > 0  # its errors are rounded stochastically
     assert res["plain"]["profile"]["noise_ms"] == 0
     assert "| eager | fixed8 |" in overhead._table({"eager": res}, "cpu").split("**Profile**")[1]
+
+
+def test_bool_store_line(overhead):
+    b = {"elements": 10, "eager_mask_ms": 1.0, "compiled_mask_ms": 2.0, "compiled_relu_aminmax_ms": 0.5}
+    assert "`x <= 0` eager 1.0, compiled 2.0" in overhead._table({}, "cpu", b)
+    assert "Bool stores" not in overhead._table({}, "cpu")
