@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["RESULTS_DIR", "machine_info", "write_results", "median", "mean_std", "command_line"]
+__all__ = ["RESULTS_DIR", "PRODUCT_OPS", "machine_info", "write_results", "median", "mean_std",
+           "command_line", "profile_step"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -34,6 +35,25 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::mv",
                "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
                "aten::mkldnn_linear")
+
+
+def profile_step(step: Any, categorize: Any, categories: tuple[str, ...], top: int = 12) -> dict[str, Any]:
+    """Run ``step()`` once under ``torch.profiler`` (CPU) and sum each operator's self time (ms) into
+    ``categorize(name)``'s category: ``{"<category>_ms": ..., "total_ms": ..., "top": [...]}`` with the
+    ``top`` operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    cats = dict.fromkeys(categories, 0.0)
+    ops = []
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1e3
+        cats[categorize(e.key)] += ms
+        ops.append((ms, e.key, e.count))
+    ops.sort(reverse=True)
+    return {**{f"{k}_ms": v for k, v in cats.items()}, "total_ms": sum(cats.values()),
+            "top": [{"op": k, "self_ms": ms, "calls": c} for ms, k, c in ops[:top]]}
 
 
 def _cpu_model() -> str:

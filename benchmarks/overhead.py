@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from common import PRODUCT_OPS, median, write_results  # noqa: E402
+from common import PRODUCT_OPS, median, profile_step, write_results  # noqa: E402
 
 import adaprec  # noqa: E402
 
@@ -219,19 +219,7 @@ def _profile_category(name: str) -> str:
 
 def _profile(runner: _Runner, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Self CPU time (ms) of one profiled step, by :data:`_PROFILE_CATEGORIES`, and its top operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.step(x, y)
-    cats = dict.fromkeys(_PROFILE_CATEGORIES, 0.0)
-    top = []
-    for e in prof.key_averages():
-        ms = e.self_cpu_time_total / 1e3
-        cats[_profile_category(e.key)] += ms
-        top.append((ms, e.key))
-    top.sort(reverse=True)
-    return {**{f"{k}_ms": v for k, v in cats.items()}, "total_ms": sum(cats.values()),
-            "top": [{"op": k[:60], "self_ms": ms} for ms, k in top[:6]]}
+    return profile_step(lambda: runner.step(x, y), _profile_category, _PROFILE_CATEGORIES, top=6)
 
 
 def bool_store_check(rounds: int = 9) -> dict[str, float]:
@@ -241,15 +229,15 @@ def bool_store_check(rounds: int = 9) -> dict[str, float]:
     masks as bool tensors where plain training saves nothing extra, so this is a cost of the
     compiled quantized step that plain compiled training does not pay."""
     x = torch.randn(BATCH, 16, 32, 32)
-    fns = {"eager_mask": lambda: x <= 0, "compiled_mask": torch.compile(lambda t: t <= 0),
+    fns = {"eager_mask": lambda t: t <= 0, "compiled_mask": torch.compile(lambda t: t <= 0),
            "compiled_relu_aminmax": torch.compile(lambda t: (torch.relu(t), torch.aminmax(t)))}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(2):
-        fns["eager_mask"](), fns["compiled_mask"](x), fns["compiled_relu_aminmax"](x)
+    for f in fns.values():  # compile and warm up
+        f(x), f(x)
     for _ in range(rounds):
         for k, f in fns.items():
             c0 = time.process_time()
-            f() if k == "eager_mask" else f(x)
+            f(x)
             cpu[k].append(time.process_time() - c0)
     return {"elements": x.numel(), **{f"{k}_ms": 1e3 * median(v) for k, v in cpu.items()}}
 

@@ -72,7 +72,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from common import PRODUCT_OPS, command_line, median, write_results  # noqa: E402
+from common import PRODUCT_OPS, command_line, median, profile_step, write_results  # noqa: E402
 from common import RESULTS_DIR as RESULTS  # noqa: E402
 
 import adaprec  # noqa: E402
@@ -388,8 +388,6 @@ def _category(name: str) -> str:
 
 
 def profile_part(setup: Setup, plans: list[str], warmup: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     torch.set_num_threads(1)
     x, y = setup.timing_batch()
     base = setup.build(0, timing=True)
@@ -399,21 +397,10 @@ def profile_part(setup: Setup, plans: list[str], warmup: int) -> dict:
         for r in runners:
             for _ in range(warmup):
                 r.step(x, y)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                r.step(x, y)
-            events = prof.key_averages()
-            cats: dict[str, float] = {"products": 0.0, "attention": 0.0, "other": 0.0}
-            top = []
-            for e in events:
-                ms = e.self_cpu_time_total / 1e3
-                cats[_category(e.key)] += ms
-                top.append((ms, e.key, e.count))
-            top.sort(reverse=True)
-            total = sum(cats.values())
-            out[r.plan] = {"total_ms": total, **{f"{k}_ms": v for k, v in cats.items()},
-                           "top": [{"op": k, "self_ms": ms, "calls": c} for ms, k, c in top[:12]]}
-            print(f"  [{setup.name} profile] {r.plan:8s} total {total:7.0f} ms  products "
-                  f"{cats['products']:6.0f}  attention {cats['attention']:5.0f}  other {cats['other']:6.0f}",
+            v = out[r.plan] = profile_step(lambda r=r: r.step(x, y), _category,
+                                           ("products", "attention", "other"))
+            print(f"  [{setup.name} profile] {r.plan:8s} total {v['total_ms']:7.0f} ms  products "
+                  f"{v['products_ms']:6.0f}  attention {v['attention_ms']:5.0f}  other {v['other_ms']:6.0f}",
                   flush=True)
     return out
 
